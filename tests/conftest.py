@@ -1,0 +1,12 @@
+import os
+
+import pytest
+import torch
+
+# Tests run on CPU with the tiny preset; keep them deterministic and light on 2 cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
