@@ -1,0 +1,339 @@
+"""The Wan 2.2 TI2V-5B diffusion transformer, natively.
+
+Parameter names equal diffusers' ``WanTransformer3DModel`` (which is also what the HY-WorldPlay
+checkpoint stores after stripping its wrapper prefixes), so checkpoints load with strict key
+checking and no remapping table.
+
+Conventions:
+
+* Tokens are frame-major: ``token = f * S + h * W' + w`` with ``S = H' * W'`` tokens per frame.
+* Timesteps are given per latent frame (``[B, F]``) — the HY-WorldPlay usage, where the image
+  or memory frames sit at t=14 while the chunk denoises — or per token (``[B, F*S]``), the
+  diffusers TI2V form. Modulation is computed once per distinct timestep and broadcast over
+  the frame's tokens instead of being materialised per token.
+* Precision follows the official code: LayerNorms, modulation and gated residual sums in
+  float32, RoPE rotation in float32, everything else in the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DiTConfig
+from .attention import attention
+from .rope import apply_rope, rope_tables
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[cos(t w_i), sin(t w_i)]`` with ``w_i = 10000^(-i/(dim/2))``, float32 (cosine half first)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t.reshape(-1, 1).float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class _MLP2(nn.Module):
+    """Linear -> activation -> Linear, with diffusers' ``linear_1`` / ``linear_2`` names."""
+
+    def __init__(self, in_dim: int, dim: int, act: nn.Module):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = act
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep (+ HY action) -> ``temb`` and the six AdaLN vectors; text -> model width."""
+
+    def __init__(self, config: DiTConfig, with_actions: bool):
+        super().__init__()
+        dim = config.dim
+        self.freq_dim = config.freq_dim
+        self.time_embedder = _MLP2(config.freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = _MLP2(config.text_dim, dim, nn.GELU(approximate="tanh"))
+        # HY-WorldPlay: an 81-class action label goes through the *same* sinusoid as the
+        # timestep and a new MLP, and is added to temb before the AdaLN projection.
+        self.action_embedder = _MLP2(config.freq_dim, dim, nn.SiLU()) if with_actions else None
+
+    def forward(
+        self, timesteps: torch.Tensor, actions: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ``timesteps [N]`` (and ``actions [N]``) -> ``temb [N, D]``, ``e [N, 6, D]``."""
+        w = self.time_embedder.linear_1.weight
+        temb = self.time_embedder(timestep_sinusoid(timesteps, self.freq_dim).to(w.dtype)).to(out_dtype)
+        if actions is not None:
+            if self.action_embedder is None:
+                raise ValueError("actions were given but this model has no action embedder")
+            # The official code casts labels to the model dtype first (exact for 0..80).
+            a = timestep_sinusoid(actions.to(out_dtype), self.freq_dim).to(w.dtype)
+            temb = temb + self.action_embedder(a).to(out_dtype)
+        e = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
+        return temb, e
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm across heads and 3-D RoPE (+ HY's PRoPE output branch)."""
+
+    def __init__(self, config: DiTConfig, with_prope: bool):
+        super().__init__()
+        dim = config.dim
+        self.heads = config.num_attention_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=config.eps)
+        self.norm_k = nn.RMSNorm(dim, eps=config.eps)
+        self.to_out_prope = nn.ModuleList([nn.Linear(dim, dim)]) if with_prope else None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, L, D]`` -> q, k, v ``[B, L, H, d]`` (q, k normalised, not yet rotated)."""
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend)
+        return self.to_out[0](o.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; the text keys/values are computed once per prompt (:meth:`text_kv`)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.heads = config.num_attention_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=config.eps)
+        self.norm_k = nn.RMSNorm(dim, eps=config.eps)
+
+    def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text ``[B, Lt, D]`` -> k, v ``[B, H, Lt, d]``."""
+        k = self.norm_k(self.to_k(text)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        v = self.to_v(text).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        o = attention(q, kv[0], kv[1], backend=backend)
+        return self.to_out[0](o.transpose(1, 2).flatten(2))
+
+
+class _GeluTanhProj(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        # Index 1 is diffusers' (parameter-free) dropout; keeping the slot keeps the key names.
+        self.net = nn.ModuleList([_GeluTanhProj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def _layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+class Block(nn.Module):
+    """One Wan transformer block; modulation ``mod [B, F, St, 6, D]`` broadcasts over a frame."""
+
+    def __init__(self, config: DiTConfig, with_prope: bool):
+        super().__init__()
+        dim = config.dim
+        self.eps = config.eps
+        self.attn1 = SelfAttention(config, with_prope)
+        self.attn2 = CrossAttention(config)
+        # diffusers' `norm2` is the affine LayerNorm before cross-attention (original Wan: norm3).
+        self.norm2 = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=True)
+        self.ffn = FeedForward(dim, config.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        backend: str,
+    ) -> torch.Tensor:
+        batch, num_frames, per_frame = e.shape[0], e.shape[1], x.shape[1] // e.shape[1]
+        mod = self.scale_shift_table.float() + e.float()  # [B, F, St, 6, D], fp32 as official
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(dim=-2)
+        dtype = x.dtype
+
+        def frames(t: torch.Tensor) -> torch.Tensor:  # [B, L, D] <-> [B, F, S, D]
+            return t.view(batch, num_frames, per_frame, -1)
+
+        y = (frames(_layer_norm32(x, self.eps)) * (1 + scale1) + shift1).to(dtype)
+        attn = self.attn1(y.flatten(1, 2), rope, backend)
+        x = (frames(x.float()) + frames(attn) * gate1).to(dtype).flatten(1, 2)
+
+        y = F.layer_norm(x.float(), (x.shape[-1],), self.norm2.weight.float(), self.norm2.bias.float(), self.eps)
+        x = x + self.attn2(y.to(dtype), text_kv, backend)
+
+        y = (frames(_layer_norm32(x, self.eps)) * (1 + scale2) + shift2).to(dtype)
+        ff = self.ffn(y.flatten(1, 2))
+        return (frames(x.float()) + frames(ff.float()) * gate2).to(dtype).flatten(1, 2)
+
+
+@dataclass
+class TextContext:
+    """Per-prompt cross-attention keys/values of every block, computed once per rollout."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class WanDiT(nn.Module):
+    """Wan 2.2 TI2V DiT. ``worldplay=True`` adds HY-WorldPlay's action embedder and PRoPE output
+    projections (zero-initialised, so the extended model starts equal to the backbone)."""
+
+    def __init__(self, config: DiTConfig, worldplay: bool = False):
+        super().__init__()
+        self.config = config
+        self.worldplay = worldplay
+        dim = config.dim
+        out_features = config.out_channels * math.prod(config.patch_size)
+        self.patch_embedding = nn.Conv3d(
+            config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.condition_embedder = ConditionEmbedder(config, with_actions=worldplay)
+        self.blocks = nn.ModuleList([Block(config, with_prope=worldplay) for _ in range(config.num_layers)])
+        self.proj_out = nn.Linear(dim, out_features)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        if worldplay:
+            self.zero_worldplay_extras()
+
+    @torch.no_grad()
+    def zero_worldplay_extras(self) -> None:
+        """The official initialisation of the added modules: action ``linear_2`` and every
+        ``to_out_prope`` are zeros, which makes the extended model equal the backbone."""
+        act = self.condition_embedder.action_embedder
+        if act is not None:
+            act.linear_2.weight.zero_()
+            act.linear_2.bias.zero_()
+        for block in self.blocks:
+            if block.attn1.to_out_prope is not None:
+                block.attn1.to_out_prope[0].weight.zero_()
+                block.attn1.to_out_prope[0].bias.zero_()
+
+    # -- pieces -------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    def text_context(self, text_states: torch.Tensor) -> TextContext:
+        """umT5 states ``[B, Lt, text_dim]`` -> per-block cross-attention K/V."""
+        text = self.condition_embedder.text_embedder(text_states.to(self.dtype))
+        return TextContext([block.attn2.text_kv(text) for block in self.blocks])
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` -> tokens ``[B, F*H/2*W/2, D]`` (frame-major)."""
+        x = self.patch_embedding(latents.to(self.dtype))
+        return x.flatten(2).transpose(1, 2).contiguous()
+
+    def unpatchify(self, out: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """``[B, L, pt*ph*pw*C]`` with features ordered ``(pt, ph, pw, c)`` -> ``[B, C, F, H, W]``."""
+        pt, ph, pw = self.config.patch_size
+        b = out.shape[0]
+        x = out.view(b, num_frames // pt, height // ph, width // pw, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, -1, num_frames, height, width)
+
+    def modulation(
+        self, timesteps: torch.Tensor, actions: torch.Tensor | None, batch: int, num_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame (or per-token) ``temb [B, F, St, D]`` and ``e [B, F, St, 6, D]``."""
+        t = _per_frame(timesteps, batch, num_frames, "timesteps")
+        a = None if actions is None else _per_frame(actions, batch, num_frames, "actions")
+        if a is not None and a.shape != t.shape:
+            a = a.expand_as(t) if a.shape[-1] == 1 else a
+        temb, e = self.condition_embedder(t.reshape(-1), None if a is None else a.reshape(-1), self.dtype)
+        st = t.shape[-1]
+        return temb.view(batch, num_frames, st, -1), e.view(batch, num_frames, st, 6, -1)
+
+    # -- forward ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor | TextContext,
+        *,
+        frame_positions: torch.Tensor | None = None,
+        actions: torch.Tensor | None = None,
+        attention_backend: str = "sdpa",
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity of ``latents [B, C, F, H, W]``.
+
+        ``timesteps``: ``[B]`` (one per sample), ``[B, F]`` / ``[F]`` (per latent frame) or
+        ``[B, F*S]`` (per token). ``frame_positions [F]``: temporal RoPE positions (default
+        ``0..F-1``). ``actions``: HY action labels, per frame like ``timesteps``.
+        """
+        b, _, num_frames, height, width = latents.shape
+        hp, wp = height // self.config.patch_size[1], width // self.config.patch_size[2]
+        if frame_positions is None:
+            frame_positions = torch.arange(num_frames, device=latents.device)
+        rope = rope_tables(frame_positions.to(latents.device), hp, wp, self.config.attention_head_dim)
+        ctx = text if isinstance(text, TextContext) else self.text_context(text)
+
+        x = self.patchify(latents)
+        temb, e = self.modulation(timesteps, actions, b, num_frames)
+        for block, kv in zip(self.blocks, ctx.kv, strict=True):
+            x = block(x, e, kv, rope, attention_backend)
+        return self.head(x, temb, num_frames, height, width)
+
+    def head(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
+        b, per_frame = x.shape[0], x.shape[1] // num_frames
+        # Official precision: the table is added to temb in the model dtype (no fp32 upcast).
+        mod = self.scale_shift_table.to(temb.dtype) + temb.unsqueeze(-2)  # [B, F, St, 2, D]
+        shift, scale = mod.unbind(dim=-2)
+        y = _layer_norm32(x, self.config.eps).view(b, num_frames, per_frame, -1) * (1 + scale) + shift
+        out = self.proj_out(y.to(x.dtype).flatten(1, 2))
+        return self.unpatchify(out, num_frames, height, width)
+
+
+def _per_frame(values: torch.Tensor, batch: int, num_frames: int, name: str) -> torch.Tensor:
+    """Normalise timesteps/actions to ``[B, F, St]`` with St = 1 (per frame) or S (per token)."""
+    v = values
+    if v.ndim == 0:
+        v = v.reshape(1)
+    if v.ndim == 1:
+        if v.numel() == batch and batch != num_frames:
+            return v.view(batch, 1, 1).expand(batch, num_frames, 1)
+        if v.numel() == num_frames:
+            return v.view(1, num_frames, 1).expand(batch, num_frames, 1)
+        if v.numel() == 1:
+            return v.view(1, 1, 1).expand(batch, num_frames, 1)
+        raise ValueError(f"{name}: expected {batch} or {num_frames} values, got shape {tuple(values.shape)}")
+    if v.ndim == 2 and v.shape[0] == batch and v.shape[1] % num_frames == 0:
+        return v.view(batch, num_frames, v.shape[1] // num_frames)
+    raise ValueError(
+        f"{name}: expected shape [B], [F], [B, F] or [B, F*tokens_per_frame] with B={batch}, "
+        f"F={num_frames}; got {tuple(values.shape)}"
+    )
