@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config import DiTConfig
 from .attention import attention
+from .prope import PRoPE, apply_per_frame
 from .rope import apply_rope, rope_tables
 
 
@@ -80,6 +81,45 @@ class ConditionEmbedder(nn.Module):
         return temb, e
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm as the official model computes it: statistics in float32, the normalised value
+    rounded to the input dtype, then multiplied by the weight in that dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+
+@dataclass
+class SelfAttnInputs:
+    """What every block's self-attention needs for one call (shared by all layers).
+
+    ``rope``: cos/sin tables of the query tokens. ``prope``: per-frame camera matrices of the
+    query frames (HY-WorldPlay), or None. With a K/V buffer (see ``worldplay.memory``), this
+    call's keys/values are written in place to tokens ``write`` of the buffer and the queries
+    attend to tokens ``read``; without one, tokens attend to each other.
+    """
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    prope: PRoPE | None = None
+    write: slice | None = None
+    read: slice | None = None
+
+
+def _store(ks, vs, kv_buffer, write: slice, batch: int) -> None:
+    """Copy each branch's keys/values into its batch rows of the fixed buffers, in place."""
+    k_buf, v_buf = kv_buffer
+    for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
+        k_buf[i * batch : (i + 1) * batch, write].copy_(kb)
+        v_buf[i * batch : (i + 1) * batch, write].copy_(vb)
+
+
 class SelfAttention(nn.Module):
     """Self-attention with q/k RMSNorm across heads and 3-D RoPE (+ HY's PRoPE output branch)."""
 
@@ -91,8 +131,8 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = nn.RMSNorm(dim, eps=config.eps)
-        self.norm_k = nn.RMSNorm(dim, eps=config.eps)
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
         self.to_out_prope = nn.ModuleList([nn.Linear(dim, dim)]) if with_prope else None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,12 +142,48 @@ class SelfAttention(nn.Module):
         v = self.to_v(x).unflatten(-1, (self.heads, -1))
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+    def write_kv(
+        self, x: torch.Tensor, inputs: SelfAttnInputs, kv_buffer: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        batch = x.shape[0]
+        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        ks, vs = [apply_rope(k, *inputs.rope)], [v]
+        if inputs.prope is not None:
+            ks.append(apply_per_frame(k, inputs.prope.kv))
+            vs.append(apply_per_frame(v, inputs.prope.kv))
+        _store(ks, vs, kv_buffer, inputs.write, batch)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        inputs: SelfAttnInputs,
+        kv_buffer: tuple[torch.Tensor, torch.Tensor] | None,
+        backend: str,
+    ) -> torch.Tensor:
+        batch = x.shape[0]
         q, k, v = self.project(x)
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend)
-        return self.to_out[0](o.transpose(1, 2).flatten(2))
+        qs, ks, vs = [apply_rope(q, *inputs.rope)], [apply_rope(k, *inputs.rope)], [v]
+        if inputs.prope is not None:
+            # Second branch on the *un-rotated* q, k, v; run with the RoPE branch as one
+            # batch-2 attention (both branches share keys' positions and the softmax scale).
+            qs.append(apply_per_frame(q, inputs.prope.q))
+            ks.append(apply_per_frame(k, inputs.prope.kv))
+            vs.append(apply_per_frame(v, inputs.prope.kv))
+        q_all = torch.cat(qs) if len(qs) > 1 else qs[0]
+        if kv_buffer is None:
+            k_all = torch.cat(ks) if len(ks) > 1 else ks[0]
+            v_all = torch.cat(vs) if len(vs) > 1 else vs[0]
+        else:
+            _store(ks, vs, kv_buffer, inputs.write, batch)
+            k_all, v_all = kv_buffer[0][:, inputs.read], kv_buffer[1][:, inputs.read]
+        o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend)
+        o = o.transpose(1, 2)  # [branches*B, L, H, d]
+        out = self.to_out[0](o[:batch].flatten(2))
+        if inputs.prope is not None:
+            o_p = apply_per_frame(o[batch:], inputs.prope.o)
+            out = out + self.to_out_prope[0](o_p.flatten(2))
+        return out
 
 
 class CrossAttention(nn.Module):
@@ -121,8 +197,8 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = nn.RMSNorm(dim, eps=config.eps)
-        self.norm_k = nn.RMSNorm(dim, eps=config.eps)
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text ``[B, Lt, D]`` -> k, v ``[B, H, Lt, d]``."""
@@ -178,8 +254,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         e: torch.Tensor,
         text_kv: tuple[torch.Tensor, torch.Tensor],
-        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_inputs: SelfAttnInputs,
         backend: str,
+        kv_buffer: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, num_frames, per_frame = e.shape[0], e.shape[1], x.shape[1] // e.shape[1]
         mod = self.scale_shift_table.float() + e.float()  # [B, F, St, 6, D], fp32 as official
@@ -190,7 +267,7 @@ class Block(nn.Module):
             return t.view(batch, num_frames, per_frame, -1)
 
         y = (frames(_layer_norm32(x, self.eps)) * (1 + scale1) + shift1).to(dtype)
-        attn = self.attn1(y.flatten(1, 2), rope, backend)
+        attn = self.attn1(y.flatten(1, 2), attn_inputs, kv_buffer, backend)
         x = (frames(x.float()) + frames(attn) * gate1).to(dtype).flatten(1, 2)
 
         y = F.layer_norm(x.float(), (x.shape[-1],), self.norm2.weight.float(), self.norm2.bias.float(), self.eps)
@@ -199,6 +276,29 @@ class Block(nn.Module):
         y = (frames(_layer_norm32(x, self.eps)) * (1 + scale2) + shift2).to(dtype)
         ff = self.ffn(y.flatten(1, 2))
         return (frames(x.float()) + frames(ff.float()) * gate2).to(dtype).flatten(1, 2)
+
+    def write_kv_only(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        attn_inputs: SelfAttnInputs,
+        kv_buffer: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """The last block of a memory prefill: only its keys/values are used, so skip the
+        queries, the attention, cross-attention and the FFN (the official code computes and
+        discards them)."""
+        batch, num_frames, per_frame = e.shape[0], e.shape[1], x.shape[1] // e.shape[1]
+        mod = self.scale_shift_table.float() + e.float()
+        shift1, scale1 = mod[..., 0, :], mod[..., 1, :]
+        y = (_layer_norm32(x, self.eps).view(batch, num_frames, per_frame, -1) * (1 + scale1) + shift1)
+        self.attn1.write_kv(y.to(x.dtype).flatten(1, 2), attn_inputs, kv_buffer)
+
+
+class KVBuffers:
+    """Interface of a per-layer K/V store (``worldplay.memory.MemoryKV`` implements it)."""
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - protocol
+        raise NotImplementedError
 
 
 @dataclass
@@ -225,6 +325,9 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, with_prope=worldplay) for _ in range(config.num_layers)])
         self.proj_out = nn.Linear(dim, out_features)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        # None: RoPE tables in float32. The official model casts its tables to bf16 with the
+        # rest of the model (``.to(bfloat16)``); set this to match it bit for bit.
+        self.rope_table_dtype: torch.dtype | None = None
         if worldplay:
             self.zero_worldplay_extras()
 
@@ -287,25 +390,51 @@ class WanDiT(nn.Module):
         *,
         frame_positions: torch.Tensor | None = None,
         actions: torch.Tensor | None = None,
+        viewmats: torch.Tensor | None = None,
+        intrinsics: torch.Tensor | None = None,
+        kv_buffers: KVBuffers | None = None,
+        write: slice | None = None,
+        read: slice | None = None,
+        prefill: bool = False,
         attention_backend: str = "sdpa",
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Predict the flow-matching velocity of ``latents [B, C, F, H, W]``.
 
         ``timesteps``: ``[B]`` (one per sample), ``[B, F]`` / ``[F]`` (per latent frame) or
         ``[B, F*S]`` (per token). ``frame_positions [F]``: temporal RoPE positions (default
-        ``0..F-1``). ``actions``: HY action labels, per frame like ``timesteps``.
+        ``0..F-1``). HY-WorldPlay inputs: ``actions`` (labels 0..80, per frame like
+        ``timesteps``), ``viewmats [B, F, 4, 4]`` and ``intrinsics [B, F, 3, 3]`` (PRoPE).
+
+        Memory: with ``kv_buffers``, each layer writes this call's keys/values to tokens
+        ``write`` of its buffer and attends to tokens ``read``. ``prefill=True`` stops after the
+        last block's attention (only the K/V are wanted) and returns None.
         """
         b, _, num_frames, height, width = latents.shape
         hp, wp = height // self.config.patch_size[1], width // self.config.patch_size[2]
         if frame_positions is None:
             frame_positions = torch.arange(num_frames, device=latents.device)
-        rope = rope_tables(frame_positions.to(latents.device), hp, wp, self.config.attention_head_dim)
+        cos, sin = rope_tables(frame_positions.to(latents.device), hp, wp, self.config.attention_head_dim)
+        if self.rope_table_dtype is not None:  # official: tables stored in the model dtype
+            cos, sin = cos.to(self.rope_table_dtype).float(), sin.to(self.rope_table_dtype).float()
+        prope = None
+        if self.worldplay and viewmats is not None:
+            if intrinsics is None:
+                raise ValueError("viewmats given without intrinsics")
+            prope = PRoPE.from_cameras(viewmats, intrinsics, self.dtype)
+        inputs = SelfAttnInputs(rope=(cos, sin), prope=prope, write=write, read=read)
+        if (kv_buffers is None) != (write is None):
+            raise ValueError("kv_buffers and write/read go together")
         ctx = text if isinstance(text, TextContext) else self.text_context(text)
 
         x = self.patchify(latents)
         temb, e = self.modulation(timesteps, actions, b, num_frames)
-        for block, kv in zip(self.blocks, ctx.kv, strict=True):
-            x = block(x, e, kv, rope, attention_backend)
+        last = len(self.blocks) - 1
+        for i, (block, text_kv) in enumerate(zip(self.blocks, ctx.kv, strict=True)):
+            layer_kv = None if kv_buffers is None else kv_buffers.layer(i)
+            if prefill and i == last:
+                block.write_kv_only(x, e, inputs, layer_kv)
+                return None
+            x = block(x, e, text_kv, inputs, attention_backend, layer_kv)
         return self.head(x, temb, num_frames, height, width)
 
     def head(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
