@@ -110,6 +110,7 @@ class SelfAttnInputs:
     prope: PRoPE | None = None
     write: slice | None = None
     read: slice | None = None
+    mask: torch.Tensor | None = None  # boolean keep-mask [Lq, Lk] (tests and references only)
 
 
 def _store(ks, vs, kv_buffer, write: slice, batch: int) -> None:
@@ -177,7 +178,9 @@ class SelfAttention(nn.Module):
         else:
             _store(ks, vs, kv_buffer, inputs.write, batch)
             k_all, v_all = kv_buffer[0][:, inputs.read], kv_buffer[1][:, inputs.read]
-        o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend)
+        o = attention(
+            q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend, mask=inputs.mask
+        )
         o = o.transpose(1, 2)  # [branches*B, L, H, d]
         out = self.to_out[0](o[:batch].flatten(2))
         if inputs.prope is not None:
@@ -396,6 +399,7 @@ class WanDiT(nn.Module):
         write: slice | None = None,
         read: slice | None = None,
         prefill: bool = False,
+        attn_mask: torch.Tensor | None = None,
         attention_backend: str = "sdpa",
     ) -> torch.Tensor | None:
         """Predict the flow-matching velocity of ``latents [B, C, F, H, W]``.
@@ -421,7 +425,7 @@ class WanDiT(nn.Module):
             if intrinsics is None:
                 raise ValueError("viewmats given without intrinsics")
             prope = PRoPE.from_cameras(viewmats, intrinsics, self.dtype)
-        inputs = SelfAttnInputs(rope=(cos, sin), prope=prope, write=write, read=read)
+        inputs = SelfAttnInputs(rope=(cos, sin), prope=prope, write=write, read=read, mask=attn_mask)
         if (kv_buffers is None) != (write is None):
             raise ValueError("kv_buffers and write/read go together")
         ctx = text if isinstance(text, TextContext) else self.text_context(text)
