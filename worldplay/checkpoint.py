@@ -206,16 +206,10 @@ def load_into(
         target_dtype = dtype if (dtype is not None and value.is_floating_point()) else value.dtype
         converted[key] = state[key].to(device=target_device, dtype=target_dtype)
     module.load_state_dict(converted, strict=True, assign=True)
-    _materialise_buffers(module, device)
+    leftover = [name for name, b in module.named_buffers() if b.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"{source}: buffers {leftover} were not materialised (not in the checkpoint)")
     return module
-
-
-def _materialise_buffers(module: nn.Module, device) -> None:
-    """Non-persistent buffers are not in checkpoints; rebuild any still on the meta device."""
-    for sub in module.modules():
-        init = getattr(sub, "init_non_persistent_buffers", None)
-        if init is not None and any(b.device.type == "meta" for b in sub.buffers(recurse=False)):
-            init(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,9 +318,7 @@ def build_on_device(factory, device: str | torch.device, dtype: torch.dtype) -> 
     with torch.device("meta"):
         module = factory()
     module = module.to(dtype=dtype)
-    module = module.to_empty(device=device)
-    _materialise_buffers(module, device)
-    return module
+    return module.to_empty(device=device)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,242 @@
+"""The chunked autoregressive rollout, as a generator.
+
+Per chunk it yields the decoded uint8 frames, the chunk's clean latents, the memory frames it
+attended to, and its stage timings. The CLI, benchmarks, drift studies and parity checks all
+consume this one stream.
+
+Order of work per chunk (official semantics, ``reprefill`` memory mode):
+
+1. memory selection (chunks >= 1): 12 recent + 1 retrieved clip from chunk 4 on, all earlier
+   latents before; the selected clean latents are gathered into the right-aligned slots;
+2. prefill: one pass of the DiT over the memory latents at t = 14 writes every layer's K/V in
+   place;
+3. four Euler steps over the chunk's 4 latents attending to [memory; chunk];
+4. the clean chunk is stored in the latent history and decoded by the streaming VAE.
+
+RNG (so that a seeded rollout can match the official one): after seeding, the memory point
+cloud comes from the CPU generator; one float32 noise tensor ``[1, 48, noise_latents, h, w]``
+is drawn on the device (chunk c uses latents 4c..4c+3 of it, so every chunk's noise depends on
+``noise_latents``, 241 in the official CLI), then the image latent's posterior sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .memory import CHUNK_LATENTS, CONTEXT_TIMESTEP, LatentHistory, MemoryKV, memory_positions
+from .memory_select import MemorySelection, memory_point_cloud, select_memory
+from .nn.attention import check_backend
+from .nn.dit import WanDiT
+from .pose import Trajectory
+from .sampler import distilled_schedule, euler_step
+
+MEMORY_MODES = ("reprefill",)
+OFFICIAL_NOISE_LATENTS = 241  # (961 - 1) // 4 + 1: the official CLI's default --num_frames 961
+
+
+class RolloutError(ValueError):
+    """The rollout cannot start with these inputs; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    num_chunk: int
+    seed: int = 0
+    noise_latents: int = OFFICIAL_NOISE_LATENTS
+    attention_backend: str = "sdpa"
+    memory_mode: str = "reprefill"
+    image_latent: str = "sample"  # official: a posterior sample; "mode" uses the mean
+    # The official model stores its RoPE tables in bf16 (the whole model is cast with
+    # .to(bfloat16)); True reproduces that, False keeps float32 tables.
+    official_rope_tables: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_chunk < 1:
+            raise RolloutError(f"num_chunk must be >= 1, got {self.num_chunk}")
+        if self.noise_latents < self.num_chunk * CHUNK_LATENTS:
+            raise RolloutError(
+                f"noise_latents={self.noise_latents} is smaller than the {self.num_chunk * CHUNK_LATENTS} "
+                f"latents of {self.num_chunk} chunks"
+            )
+        if self.memory_mode not in MEMORY_MODES:
+            raise RolloutError(f"memory_mode {self.memory_mode!r} unknown; choose one of {MEMORY_MODES}")
+        if self.image_latent not in ("sample", "mode"):
+            raise RolloutError("image_latent must be 'sample' or 'mode'")
+        check_backend(self.attention_backend)
+
+
+@dataclass
+class ChunkOutput:
+    index: int
+    frames: torch.Tensor  # uint8 [T, H, W, 3] on the CPU (13 frames for chunk 0, then 16)
+    latents: torch.Tensor  # clean normalised latents [1, C, 4, h, w] (float32, CPU)
+    memory: MemorySelection | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class StageTimer:
+    """Stage boundaries as CUDA events (GPU) or perf_counter (CPU), read once per chunk.
+
+    ``mark(name)`` closes the stage ``name`` that started at the previous mark; nothing
+    synchronises until :meth:`read`, which the rollout calls after the chunk's frames have been
+    copied to the host anyway.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.names: list[str] = []
+        self.points: list = []
+        self._start()
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self) -> None:
+        self.points = [self._now()]
+        self.names = []
+
+    def mark(self, name: str) -> None:
+        self.names.append(name)
+        self.points.append(self._now())
+
+    def read(self) -> dict[str, float]:
+        if self.cuda:
+            self.points[-1].synchronize()
+            spans = [a.elapsed_time(b) for a, b in zip(self.points, self.points[1:], strict=False)]
+        else:
+            spans = [(b - a) * 1e3 for a, b in zip(self.points, self.points[1:], strict=False)]
+        out: dict[str, float] = {}
+        for name, ms in zip(self.names, spans, strict=True):
+            out[name] = out.get(name, 0.0) + ms
+        self._start()
+        return out
+
+
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """Decoder output ``[1, 3, T, H, W]`` in [-1, 1] -> ``[T, H, W, 3]`` uint8, the official way:
+    ``(x * 0.5 + 0.5).clamp(0, 1)`` in the decoder dtype, then ``* 255`` in float32, truncated."""
+    x = (frames[0] * 0.5 + 0.5).clamp(0, 1)
+    return (x.float() * 255).to(torch.uint8).permute(1, 2, 3, 0)
+
+
+class WorldPlayPipeline:
+    """Holds the models; :meth:`rollout` runs one video."""
+
+    def __init__(self, dit: WanDiT, vae, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
+        if not dit.worldplay:
+            raise RolloutError("the DiT has no HY-WorldPlay modules (build it with worldplay=True)")
+        self.dit = dit
+        self.vae = vae
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        image: torch.Tensor,
+        text_states: torch.Tensor,
+        trajectory: Trajectory,
+        settings: RolloutSettings,
+    ) -> Iterator[ChunkOutput]:
+        """Generate ``settings.num_chunk`` chunks from ``image [3, H, W]`` in [-1, 1] and the
+        prompt embeddings ``text_states [1, L, text_dim]``."""
+        traj = trajectory.for_chunks(settings.num_chunk)  # errors before any model work
+        dev, dtype, dit = self.device, self.dtype, self.dit
+        height, width = image.shape[-2:]
+        spatial = self.vae.config.scale_factor_spatial
+        if height % (spatial * 2) or width % (spatial * 2):
+            raise RolloutError(f"image size {height}x{width} must be a multiple of {spatial * 2} on both sides")
+        lh, lw = height // spatial, width // spatial
+        channels = dit.config.in_channels
+        tokens_per_frame = (lh // 2) * (lw // 2)
+        dit.rope_table_dtype = dtype if settings.official_rope_tables else None
+
+        # -- RNG, in the official order -------------------------------------------------
+        cpu_gen = torch.Generator().manual_seed(settings.seed)
+        dev_gen = torch.Generator(device=dev).manual_seed(settings.seed)
+        points = memory_point_cloud(generator=cpu_gen).to(dev)
+        noise = torch.randn(1, channels, settings.noise_latents, lh, lw, generator=dev_gen, device=dev,
+                            dtype=torch.float32)
+        image_latent = self.vae.encode_image(
+            image.to(dev, next(self.vae.parameters()).dtype)[None],
+            mode=settings.image_latent,
+            generator=dev_gen,
+        ).float()  # normalised, [1, C, 1, lh, lw]
+
+        # -- per-rollout state, allocated once --------------------------------------------
+        num_latents = settings.num_chunk * CHUNK_LATENTS
+        history = LatentHistory.allocate(
+            1, channels, num_latents, lh, lw,
+            torch.from_numpy(traj.viewmats), torch.from_numpy(traj.intrinsics), torch.from_numpy(traj.actions),
+            device=dev, dtype=dtype,
+        )
+        kv = MemoryKV(dit.config.num_layers, 1, 2, tokens_per_frame, dit.config.num_attention_heads,
+                      dit.config.attention_head_dim, device=dev, dtype=dtype)
+        text = dit.text_context(text_states.to(dev, dtype))
+        decode_state = self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
+        timesteps, sigmas = distilled_schedule()
+        timer = StageTimer(dev)
+
+        for chunk in range(settings.num_chunk):
+            cur = chunk * CHUNK_LATENTS
+            frames_idx = slice(cur, cur + CHUNK_LATENTS)
+            selection = None
+            n_mem = 0
+            timer.read()  # restart the clock at the chunk boundary (after the host work)
+            if chunk > 0:
+                selection = select_memory(history.viewmats, cur, points)
+                idx = torch.tensor(selection.indices, device=dev)
+                n_mem = idx.numel()
+                timer.mark("select")
+                mem_latents = history.gather_memory(idx)
+                mem_pos, _ = memory_positions(n_mem)
+                dit(
+                    mem_latents, torch.full((1, n_mem), CONTEXT_TIMESTEP, device=dev), text,
+                    frame_positions=mem_pos, actions=history.actions[idx][None],
+                    viewmats=history.viewmats[idx][None], intrinsics=history.intrinsics[idx][None],
+                    kv_buffers=kv, write=kv.memory_tokens(n_mem), read=kv.memory_tokens(n_mem), prefill=True,
+                    attention_backend=settings.attention_backend,
+                )
+                timer.mark("prefill")
+            _, chunk_pos = memory_positions(n_mem)
+            master = noise[:, :, frames_idx].clone()
+            if chunk == 0:
+                master[:, :, :1] = image_latent
+            x = master.to(dtype)
+            cams = dict(
+                actions=history.actions[frames_idx][None], viewmats=history.viewmats[frames_idx][None],
+                intrinsics=history.intrinsics[frames_idx][None],
+            )
+            for step in range(len(timesteps) - 1):
+                t = torch.full((1, CHUNK_LATENTS), float(timesteps[step]), device=dev)
+                if chunk == 0:
+                    t[:, 0] = CONTEXT_TIMESTEP  # the image latent is "almost clean"
+                velocity = dit(
+                    x, t, text, frame_positions=chunk_pos, **cams,
+                    kv_buffers=kv, write=kv.chunk_tokens(), read=kv.attended_tokens(n_mem),
+                    attention_backend=settings.attention_backend,
+                )
+                stepped = euler_step(x, velocity, sigmas[step], sigmas[step + 1])
+                if chunk == 0:
+                    x[:, :, 1:] = stepped[:, :, 1:]  # the image latent is never updated
+                else:
+                    x = stepped
+                timer.mark(f"step{step}")
+            history.latents[:, :, frames_idx] = x
+            video = self.vae.decode(x, decode_state)  # de-normalises in the VAE dtype, as official
+            frames_dev = to_uint8(video)
+            timer.mark("decode")
+            frames = frames_dev.cpu()
+            timings = timer.read()
+            timings["dit"] = sum(v for k, v in timings.items() if k == "prefill" or k.startswith("step"))
+            yield ChunkOutput(
+                index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
+            )
