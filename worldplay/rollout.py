@@ -175,7 +175,7 @@ class WorldPlayPipeline:
         num_latents = settings.num_chunk * CHUNK_LATENTS
         history = LatentHistory.allocate(
             1, channels, num_latents, lh, lw,
-            torch.from_numpy(traj.viewmats), torch.from_numpy(traj.intrinsics), torch.from_numpy(traj.actions),
+            torch.tensor(traj.viewmats), torch.tensor(traj.intrinsics), torch.tensor(traj.actions),
             device=dev, dtype=dtype,
         )
         kv = MemoryKV(dit.config.num_layers, 1, 2, tokens_per_frame, dit.config.num_attention_heads,
