@@ -91,8 +91,11 @@ def measure_dit(results: dict, parity: bool) -> None:
 
         with torch.device("meta"):
             ref = diffusers.WanTransformer3DModel(**cfg.to_dict())
-        ref.load_state_dict(dit.state_dict(), assign=True, strict=True)
-        ref = ref.to(dev, torch.bfloat16).eval()
+        ref = ref.to_empty(device=dev).to(torch.bfloat16).eval()
+        ref.load_state_dict(dit.state_dict(), strict=True)
+        # Non-persistent RoPE tables are lost on the meta device: rebuild them (float32, as
+        # diffusers keeps them when loading with torch_dtype=bfloat16).
+        ref.rope = type(ref.rope)(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).to(dev)
         tokens = t.repeat_interleave(880, dim=1)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -147,8 +150,9 @@ def measure_vae(results: dict, parity: bool) -> None:
 
         with torch.device("meta"):
             ref = diffusers.AutoencoderKLWan(**{k: v for k, v in cfg.to_dict().items() if k != "_class_name"})
-        ref.load_state_dict(vae.state_dict(), assign=True, strict=True)
-        ref = ref.to(dev, torch.bfloat16).eval()
+        ref = ref.to_empty(device=dev).to(torch.bfloat16).eval()
+        ref.load_state_dict(vae.state_dict(), strict=True)
+        assert not list(ref.buffers()), "AutoencoderKLWan grew buffers: rebuild them here"
 
         def hy_stream(z_norm: torch.Tensor) -> torch.Tensor:
             # HY-WorldPlay's MyVAE: one latent per call, cache kept, first_chunk for latent 0.
