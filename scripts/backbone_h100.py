@@ -108,8 +108,14 @@ def measure_dit(results: dict, parity: bool) -> None:
             ref_again = None
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 ref_again = ref(x, tokens, text, return_dict=False)[0]
-            # float32 reference of both (same weights upcast) to see who is closer to exact.
+            # float32 reference (same weights upcast): who is closer to exact?
+            ref32 = ref.float()
+            exact = ref32(x.float(), tokens, text.float(), return_dict=False)[0]
+            ref_cudnn_err = rel_err(ref_cudnn, exact)
+            ours_err = rel_err(ours["cudnn"], exact)
         results["dit_parity"] = {
+            "ours_bf16_vs_float32_reference": ours_err,
+            "diffusers_bf16_vs_float32_reference": ref_cudnn_err,
             "ours_cudnn_vs_diffusers_cudnn": rel_err(ours["cudnn"], ref_cudnn),
             "ours_flash_vs_diffusers_flash": rel_err(ours["flash"], ref_flash),
             "diffusers_flash_vs_diffusers_cudnn (backend spread)": rel_err(ref_flash, ref_cudnn),
@@ -175,7 +181,18 @@ def measure_vae(results: dict, parity: bool) -> None:
             torch.backends.cudnn.benchmark = True
             other_algo = hy_stream(z)
             torch.backends.cudnn.benchmark = False
+            ref.float()
+            zf = vae.denormalize_latents(z.float())
+            ref.clear_cache()
+            outs = []
+            for i in range(zf.shape[2]):
+                ref._conv_idx = [0]
+                xx = ref.post_quant_conv(zf[:, :, i : i + 1])
+                outs.append(ref.decoder(xx, feat_cache=ref._feat_map, feat_idx=ref._conv_idx, first_chunk=(i == 0)))
+            exact = dwan.unpatchify(torch.cat(outs, dim=2), patch_size=2).clamp(-1.0, 1.0)
         results["vae_parity"] = {
+            "ours_bf16_vs_float32_reference": rel_err(ours, exact),
+            "diffusers_bf16_vs_float32_reference": rel_err(want, exact),
             "frames": ours.shape[2],
             "ours_vs_diffusers_hy_stream": rel_err(ours, want),
             "diffusers_run_to_run": rel_err(again, want),
