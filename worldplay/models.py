@@ -1,0 +1,92 @@
+"""Assemble the models of one run: from real checkpoints, from the hub, or seeded random init.
+
+Real-weight layouts (what the published repositories hold):
+
+* ``--checkpoint DIR``: a snapshot of ``tencent/HY-WorldPlay`` with ``wan_transformer/config.json``
+  and ``wan_distilled_model/model.pt``;
+* ``--base DIR``: a snapshot of ``Wan-AI/Wan2.2-TI2V-5B-Diffusers`` with ``vae/``,
+  ``text_encoder/`` and ``tokenizer/``.
+
+Either may be given as ``hf://<repo_id>@<40-hex commit>``: the files are downloaded through
+huggingface_hub at that pinned commit and every file's sha256 is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    CheckpointError,
+    WeightsIdentity,
+    build_on_device,
+    hub_download,
+    load_dit,
+    load_vae,
+    random_init_,
+)
+from .config import dit_preset, vae_preset
+from .nn.dit import WanDiT
+from .nn.vae import WanVAE
+
+WORLDPLAY_FILES = ["wan_transformer/config.json", "wan_distilled_model/model.pt"]
+BASE_FILES = ["vae/*", "text_encoder/*", "tokenizer/*"]
+
+
+@dataclass
+class LoadedModels:
+    dit: WanDiT
+    vae: WanVAE
+    identity: dict[str, dict] = field(default_factory=dict)  # component -> WeightsIdentity.to_dict()
+
+
+def resolve_location(spec: str, allow_patterns: list[str]) -> tuple[Path, WeightsIdentity | None]:
+    """A local directory, or ``hf://repo@commit`` downloaded (pinned) into the HF cache."""
+    if spec.startswith("hf://"):
+        body = spec[len("hf://") :]
+        if "@" not in body:
+            raise CheckpointError(f"{spec}: give a pinned commit, e.g. hf://tencent/HY-WorldPlay@<40-hex commit>")
+        repo_id, revision = body.rsplit("@", 1)
+        root, identity = hub_download(repo_id, revision, allow_patterns=allow_patterns)
+        return root, identity
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{spec}: no such directory")
+    return path, None
+
+
+def load_real_models(checkpoint: str, base: str, *, device, dtype=torch.bfloat16) -> LoadedModels:
+    ckpt_dir, ckpt_hub = resolve_location(checkpoint, WORLDPLAY_FILES)
+    base_dir, base_hub = resolve_location(base, BASE_FILES)
+    dit, dit_id = load_dit(
+        ckpt_dir / "wan_transformer",
+        worldplay_weights=ckpt_dir / "wan_distilled_model" / "model.pt",
+        device=device,
+        dtype=dtype,
+    )
+    vae, vae_id = load_vae(base_dir / "vae", device=device, dtype=dtype)
+    identity = {"dit": (ckpt_hub or dit_id).to_dict(), "vae": (base_hub or vae_id).to_dict()}
+    return LoadedModels(dit=dit, vae=vae, identity=identity)
+
+
+def random_models(preset: str, seed: int, *, device, dtype=torch.bfloat16) -> LoadedModels:
+    """Seeded random weights built directly on ``device`` in ``dtype`` (benchmarks, tests)."""
+    dcfg, vcfg = dit_preset(preset), vae_preset(preset)
+    dit = build_on_device(lambda: WanDiT(dcfg, worldplay=True), device, dtype).eval()
+    dit_id = random_init_(dit, seed)
+    vae = build_on_device(lambda: WanVAE(vcfg), device, dtype).eval()
+    random_init_(vae, seed + 1)
+    return LoadedModels(dit=dit, vae=vae, identity={"dit": dit_id.to_dict(), "vae": {**dit_id.to_dict(), "seed": seed + 1, "describe": f"random-init:{seed + 1}"}})
+
+
+def random_text_states(preset: str, seed: int, length: int | None = None) -> torch.Tensor:
+    """Stand-in prompt embeddings for random-weight runs (shape of the umT5 output, zero padding
+    past a 'prompt' of 32 tokens, as real embeddings have)."""
+    cfg = dit_preset(preset)
+    length = length or (512 if preset == "wan5b" else 16)
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.randn(1, length, cfg.text_dim, generator=gen)
+    states[:, min(32, length // 2) :] = 0
+    return states
