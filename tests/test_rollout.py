@@ -1,0 +1,100 @@
+"""The chunked rollout on the tiny preset: memory engaged, retrieval exercised, frame counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worldplay.memory import MEMORY_SLOTS
+from worldplay.models import random_models, random_text_states
+from worldplay.pose import PoseError, trajectory_from_pose_string
+from worldplay.rollout import RolloutError, RolloutSettings, WorldPlayPipeline
+
+# Walk 19 steps forward, then back: from cur = 28 on, retrieval prefers an old clip over the
+# most recent non-context one (spec dit.md 4.4).
+POSE = "w-19,s-12"
+NUM_CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    models = random_models("tiny", 0, device="cpu", dtype=torch.bfloat16)
+    return WorldPlayPipeline(models.dit, models.vae, device="cpu", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def outputs(pipeline):
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 64, 96, generator=gen) * 2 - 1
+    return list(pipeline.rollout(image, random_text_states("tiny", 0), trajectory_from_pose_string(POSE),
+                                 RolloutSettings(num_chunk=NUM_CHUNK, seed=0)))
+
+
+def test_frame_counts_and_dtypes(outputs):
+    assert [o.frames.shape[0] for o in outputs] == [13] + [16] * (NUM_CHUNK - 1)
+    assert sum(o.frames.shape[0] for o in outputs) == 16 * NUM_CHUNK - 3
+    for o in outputs:
+        assert o.frames.dtype == torch.uint8 and o.frames.shape[1:] == (64, 96, 3)
+        assert torch.isfinite(o.latents).all() and o.latents.shape == (1, 48, 4, 4, 6)
+        assert 0 < o.frames.float().std()  # not a constant image
+
+
+def test_memory_is_engaged_and_retrieval_chooses(outputs):
+    assert outputs[0].memory is None
+    for o in outputs[1:4]:
+        assert o.memory.indices == list(range(4 * o.index))
+    for o in outputs[4:]:
+        assert len(o.memory.indices) == MEMORY_SLOTS
+        assert o.memory.indices[-12:] == list(range(4 * o.index - 12, 4 * o.index))
+    chosen = {o.index: o.memory.chosen_start for o in outputs[4:]}
+    # Walking forward, the most recent non-context clip wins; once walking back, an older one.
+    assert chosen[5] == 4
+    assert any(start < 4 * idx - 16 for idx, start in chosen.items()), chosen
+
+
+def test_timings_cover_every_stage(outputs):
+    assert set(outputs[0].timings_ms) == {"step0", "step1", "step2", "step3", "decode", "dit"}
+    assert {"select", "prefill", "dit", "decode"} <= set(outputs[5].timings_ms)
+    assert all(v >= 0 for o in outputs for v in o.timings_ms.values())
+
+
+def test_seeded_rollout_is_reproducible_and_seed_matters(pipeline, outputs):
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 64, 96, generator=gen) * 2 - 1
+    text = random_text_states("tiny", 0)
+    traj = trajectory_from_pose_string(POSE)
+    again = list(pipeline.rollout(image, text, traj, RolloutSettings(num_chunk=2, seed=0)))
+    other = list(pipeline.rollout(image, text, traj, RolloutSettings(num_chunk=2, seed=1)))
+    assert torch.equal(again[1].latents, outputs[1].latents)
+    assert not torch.equal(other[1].latents, outputs[1].latents)
+
+
+def test_image_latent_is_kept_clean_in_chunk_zero(pipeline):
+    """Chunk 0 never updates latent 0 (the encoded image); its first frame is that image's decode."""
+    image = torch.zeros(3, 64, 96)
+    text = random_text_states("tiny", 0)
+    traj = trajectory_from_pose_string("w-3")
+    first = next(pipeline.rollout(image, text, traj, RolloutSettings(num_chunk=1, seed=0, image_latent="mode")))
+    expected = pipeline.vae.encode_image(image[None].to(torch.bfloat16), mode="mode").to(torch.bfloat16).float()
+    assert torch.equal(first.latents[:, :, :1], expected)
+
+
+def test_short_trajectory_fails_before_model_work(pipeline):
+    calls = []
+    pipeline.vae.encode_image, original = (lambda *a, **k: calls.append(1)), pipeline.vae.encode_image
+    try:
+        with pytest.raises(PoseError, match="needs? 36"):
+            next(pipeline.rollout(torch.zeros(3, 64, 96), random_text_states("tiny", 0),
+                                  trajectory_from_pose_string("w-31"), RolloutSettings(num_chunk=9)))
+    finally:
+        pipeline.vae.encode_image = original
+    assert calls == []
+
+
+def test_settings_are_validated():
+    with pytest.raises(RolloutError, match="num_chunk"):
+        RolloutSettings(num_chunk=0)
+    with pytest.raises(RolloutError, match="noise_latents"):
+        RolloutSettings(num_chunk=70)
+    with pytest.raises(ValueError, match="attention backend"):
+        RolloutSettings(num_chunk=1, attention_backend="sage")
