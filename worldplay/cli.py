@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             models = load_real_models(args.checkpoint, args.base, device=device, dtype=dtype)
             base_dir, _ = resolve_location(args.base, ["text_encoder/*", "tokenizer/*"])
-            text_states = prompt_embeddings(
+            text_states, _ = prompt_embeddings(
                 args.prompt, cache_dir=args.text_cache, encoder_dir=base_dir, device=device, dtype=dtype
             )
             text_identity = "umT5 (cached)"
