@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .media import frames_to_uint8
 from .memory import CHUNK_LATENTS, CONTEXT_TIMESTEP, LatentHistory, MemoryKV, memory_positions
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
 from .nn.attention import check_backend
@@ -118,13 +119,6 @@ class StageTimer:
             out[name] = out.get(name, 0.0) + ms
         self._start()
         return out
-
-
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """Decoder output ``[1, 3, T, H, W]`` in [-1, 1] -> ``[T, H, W, 3]`` uint8, the official way:
-    ``(x * 0.5 + 0.5).clamp(0, 1)`` in the decoder dtype, then ``* 255`` in float32, truncated."""
-    x = (frames[0] * 0.5 + 0.5).clamp(0, 1)
-    return (x.float() * 255).to(torch.uint8).permute(1, 2, 3, 0)
 
 
 class WorldPlayPipeline:
@@ -232,7 +226,7 @@ class WorldPlayPipeline:
                 timer.mark(f"step{step}")
             history.latents[:, :, frames_idx] = x
             video = self.vae.decode(x, decode_state)  # de-normalises in the VAE dtype, as official
-            frames_dev = to_uint8(video)
+            frames_dev = frames_to_uint8(video)
             timer.mark("decode")
             frames = frames_dev.cpu()
             timings = timer.read()
