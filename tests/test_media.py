@@ -290,6 +290,8 @@ def test_video_writer_rejects_bad_frames(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# imageio-ffmpeg's reader leaves its pipes to the garbage collector once ffmpeg has exited.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning", "ignore::ResourceWarning")
 def test_read_video_matches_imageio_and_rejects_non_video(tmp_path):
     import imageio_ffmpeg
 

@@ -286,7 +286,7 @@ def _popen_isolated(cmd: list[str], stderr) -> subprocess.Popen:
         kwargs["start_new_session"] = True
     else:  # pragma: no cover - Windows
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, **kwargs)  # noqa: S603 - fixed argv, no shell
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, **kwargs)
 
 
 def _as_uint8_frames(frames) -> np.ndarray:
@@ -519,7 +519,7 @@ def _run_ffmpeg(path: Path, output_args: list[str], what: str) -> tuple[bytes, s
         raise MediaError(f"video {str(path)!r} does not exist or is not a file")
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), *output_args]
     # communicate() drains both pipes, so a chatty stderr cannot deadlock a large stdout.
-    proc = subprocess.run(cmd, capture_output=True, check=False)  # noqa: S603 - fixed argv
+    proc = subprocess.run(cmd, capture_output=True, check=False)
     log = proc.stderr.decode("utf-8", "replace")
     if proc.returncode != 0:
         raise MediaError(f"could not {what} video {str(path)!r}: {log.strip()[-1500:]}")
