@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .accel import ACCEL_MODES, DiTRunner
 from .media import frames_to_uint8
 from .memory import CHUNK_LATENTS, CONTEXT_TIMESTEP, LatentHistory, MemoryKV, memory_positions
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
@@ -54,6 +55,7 @@ class RolloutSettings:
     # The official model stores its RoPE tables in bf16 (the whole model is cast with
     # .to(bfloat16)); True reproduces that, False keeps float32 tables.
     official_rope_tables: bool = True
+    accel: str = "eager"  # see worldplay.accel: eager, compile, graphs, compile+graphs
 
     def __post_init__(self) -> None:
         if self.num_chunk < 1:
@@ -68,6 +70,8 @@ class RolloutSettings:
         if self.image_latent not in ("sample", "mode"):
             raise RolloutError("image_latent must be 'sample' or 'mode'")
         check_backend(self.attention_backend)
+        if self.accel not in ACCEL_MODES:
+            raise RolloutError(f"accel {self.accel!r} unknown; choose one of {ACCEL_MODES}")
 
 
 @dataclass
@@ -178,6 +182,19 @@ class WorldPlayPipeline:
         decode_state = self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
         timesteps, sigmas = distilled_schedule()
         timer = StageTimer(dev)
+        runner = DiTRunner(dit, settings.accel, settings.attention_backend)
+        self.last_accel_stats = runner.stats
+        rope_cache: dict[int, tuple] = {}
+
+        def rope_tables(n_mem: int):
+            """(memory, chunk) RoPE tables for N memory frames, built once per N (static)."""
+            if n_mem not in rope_cache:
+                mem_pos, chunk_pos = memory_positions(n_mem)
+                rope_cache[n_mem] = (
+                    dit.rope_for(mem_pos, n_mem, lh, lw, dev) if n_mem else None,
+                    dit.rope_for(chunk_pos, CHUNK_LATENTS, lh, lw, dev),
+                )
+            return rope_cache[n_mem]
 
         for chunk in range(settings.num_chunk):
             cur = chunk * CHUNK_LATENTS
@@ -191,16 +208,12 @@ class WorldPlayPipeline:
                 n_mem = idx.numel()
                 timer.mark("select")
                 mem_latents = history.gather_memory(idx)
-                mem_pos, _ = memory_positions(n_mem)
-                dit(
-                    mem_latents, torch.full((1, n_mem), CONTEXT_TIMESTEP, device=dev), text,
-                    frame_positions=mem_pos, actions=history.actions[idx][None],
+                runner.prefill(
+                    mem_latents, torch.full((1, n_mem), CONTEXT_TIMESTEP, device=dev), text, kv, n_mem,
+                    rope_tables(n_mem)[0], actions=history.actions[idx][None],
                     viewmats=history.viewmats[idx][None], intrinsics=history.intrinsics[idx][None],
-                    kv_buffers=kv, write=kv.memory_tokens(n_mem), read=kv.memory_tokens(n_mem), prefill=True,
-                    attention_backend=settings.attention_backend,
                 )
                 timer.mark("prefill")
-            _, chunk_pos = memory_positions(n_mem)
             master = noise[:, :, frames_idx].clone()
             if chunk == 0:
                 master[:, :, :1] = image_latent
@@ -213,11 +226,7 @@ class WorldPlayPipeline:
                 t = torch.full((1, CHUNK_LATENTS), float(timesteps[step]), device=dev)
                 if chunk == 0:
                     t[:, 0] = CONTEXT_TIMESTEP  # the image latent is "almost clean"
-                velocity = dit(
-                    x, t, text, frame_positions=chunk_pos, **cams,
-                    kv_buffers=kv, write=kv.chunk_tokens(), read=kv.attended_tokens(n_mem),
-                    attention_backend=settings.attention_backend,
-                )
+                velocity = runner.step(x, t, text, kv, n_mem, rope_tables(n_mem)[1], **cams)
                 stepped = euler_step(x, velocity, sigmas[step], sigmas[step + 1])
                 if chunk == 0:
                     x[:, :, 1:] = stepped[:, :, 1:]  # the image latent is never updated
@@ -234,3 +243,4 @@ class WorldPlayPipeline:
             yield ChunkOutput(
                 index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
             )
+        runner.finish()

@@ -401,6 +401,8 @@ class WanDiT(nn.Module):
         prefill: bool = False,
         attn_mask: torch.Tensor | None = None,
         attention_backend: str = "sdpa",
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        block_fn=None,
     ) -> torch.Tensor | None:
         """Predict the flow-matching velocity of ``latents [B, C, F, H, W]``.
 
@@ -412,14 +414,15 @@ class WanDiT(nn.Module):
         Memory: with ``kv_buffers``, each layer writes this call's keys/values to tokens
         ``write`` of its buffer and attends to tokens ``read``. ``prefill=True`` stops after the
         last block's attention (only the K/V are wanted) and returns None.
+
+        ``rope``: precomputed tables (:meth:`rope_for`) instead of ``frame_positions`` (static
+        inputs for CUDA-graph capture). ``block_fn(block, x, e, text_kv, inputs, backend, kv)``
+        replaces the plain block call (e.g. a ``torch.compile``d function).
         """
         b, _, num_frames, height, width = latents.shape
-        hp, wp = height // self.config.patch_size[1], width // self.config.patch_size[2]
-        if frame_positions is None:
-            frame_positions = torch.arange(num_frames, device=latents.device)
-        cos, sin = rope_tables(frame_positions.to(latents.device), hp, wp, self.config.attention_head_dim)
-        if self.rope_table_dtype is not None:  # official: tables stored in the model dtype
-            cos, sin = cos.to(self.rope_table_dtype).float(), sin.to(self.rope_table_dtype).float()
+        if rope is None:
+            rope = self.rope_for(frame_positions, num_frames, height, width, latents.device)
+        cos, sin = rope
         prope = None
         if self.worldplay and viewmats is not None:
             if intrinsics is None:
@@ -438,8 +441,23 @@ class WanDiT(nn.Module):
             if prefill and i == last:
                 block.write_kv_only(x, e, inputs, layer_kv)
                 return None
-            x = block(x, e, text_kv, inputs, attention_backend, layer_kv)
+            if block_fn is None:
+                x = block(x, e, text_kv, inputs, attention_backend, layer_kv)
+            else:
+                x = block_fn(block, x, e, text_kv, inputs, attention_backend, layer_kv)
         return self.head(x, temb, num_frames, height, width)
+
+    def rope_for(
+        self, frame_positions: torch.Tensor | None, num_frames: int, height: int, width: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin tables for frame-major tokens of a ``[.., F, height, width]`` latent."""
+        hp, wp = height // self.config.patch_size[1], width // self.config.patch_size[2]
+        if frame_positions is None:
+            frame_positions = torch.arange(num_frames)
+        cos, sin = rope_tables(frame_positions.to(device), hp, wp, self.config.attention_head_dim)
+        if self.rope_table_dtype is not None:  # official: tables stored in the model dtype
+            cos, sin = cos.to(self.rope_table_dtype).float(), sin.to(self.rope_table_dtype).float()
+        return cos, sin
 
     def head(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
         b, per_frame = x.shape[0], x.shape[1] // num_frames

@@ -1,0 +1,157 @@
+"""Running the DiT calls of a rollout: eagerly, with compiled blocks, and/or as CUDA-graph replays.
+
+The steady state (16 memory frames, from chunk 4 on) has constant shapes and addresses: the
+memory K/V buffers are written in place, the RoPE tables are constant, and every per-chunk
+input is copied into a static buffer before replay. So one graph for the prefill and one for a
+denoising step serve every steady chunk. Chunks 0-3 (memory sizes 0/4/8/12) run eagerly; they
+are the warm-up.
+
+Modes (``RolloutSettings.accel``):
+
+* ``eager``: plain PyTorch;
+* ``compile``: every block through one ``torch.compile``d function (the 30 blocks share one
+  compiled graph per shape; only the steady-state shapes are compiled, so no recompiles);
+* ``graphs``: steady-state calls captured in CUDA graphs (no compile);
+* ``compile+graphs``: both (the fastest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .memory import MEMORY_SLOTS, MemoryKV
+from .nn.dit import TextContext, WanDiT
+
+ACCEL_MODES = ("eager", "compile", "graphs", "compile+graphs")
+
+
+def _call_block(block, x, e, text_kv, inputs, backend, kv):
+    return block(x, e, text_kv, inputs, backend, kv)
+
+
+@dataclass
+class AccelStats:
+    """Counters published with bench results (a graph that is re-captured or a function that
+    recompiles in the steady state would show here)."""
+
+    captures: int = 0
+    replays: int = 0
+    eager_calls: int = 0
+    compiled_calls: int = 0
+    recompiles: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("captures", "replays", "eager_calls", "compiled_calls", "recompiles")}
+
+
+class _Graph:
+    """A captured callable with static inputs: copy in, replay, read the static output."""
+
+    def __init__(self, fn, statics: dict[str, torch.Tensor], pool):
+        self.fn = fn
+        self.statics = statics
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside capture: compilation, cuBLAS/cuDNN handles
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn()
+
+    def __call__(self, **inputs: torch.Tensor):
+        for name, value in inputs.items():
+            self.statics[name].copy_(value)
+        self.graph.replay()
+        return self.output
+
+
+class DiTRunner:
+    """The two DiT calls of a chunk (memory prefill, denoising step) in the chosen mode."""
+
+    def __init__(self, dit: WanDiT, mode: str, backend: str):
+        if mode not in ACCEL_MODES:
+            raise ValueError(f"accel mode {mode!r} unknown; choose one of {ACCEL_MODES}")
+        self.dit = dit
+        self.mode = mode
+        self.backend = backend
+        self.stats = AccelStats()
+        self._compiled = torch.compile(_call_block, dynamic=False) if "compile" in mode else None
+        self._graphs: dict[str, _Graph] = {}
+        self._pool = None
+        self._dynamo_start = _dynamo_compiles()
+
+    def _use_graphs(self, device: torch.device, n_mem: int) -> bool:
+        return "graphs" in self.mode and device.type == "cuda" and n_mem == MEMORY_SLOTS
+
+    def _block_fn(self, n_mem: int):
+        # Compile only the steady-state shapes: warm-up chunks would each add a recompile.
+        if self._compiled is not None and n_mem == MEMORY_SLOTS:
+            self.stats.compiled_calls += 1
+            return self._compiled
+        self.stats.eager_calls += 1
+        return None
+
+    def prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> None:
+        def run(lat=latents, t=timesteps, cams=cams):
+            self.dit(lat, t, text, rope=rope, kv_buffers=kv, write=kv.memory_tokens(n_mem),
+                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend,
+                     block_fn=self._block_fn(n_mem), **cams)
+
+        if not self._use_graphs(latents.device, n_mem):
+            run()
+            return
+        graph = self._graphs.get("prefill")
+        if graph is None:
+            statics = {"latents": latents.clone(), "timesteps": timesteps.clone(),
+                       **{k: v.clone() for k, v in cams.items()}}
+            graph = self._capture("prefill", lambda: run(
+                statics["latents"], statics["timesteps"], {k: statics[k] for k in cams}), statics)
+        graph(latents=latents, timesteps=timesteps, **cams)
+        self.stats.replays += 1
+
+    def step(self, x, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> torch.Tensor:
+        def run(lat=x, t=timesteps, cams=cams):
+            return self.dit(lat, t, text, rope=rope, kv_buffers=kv, write=kv.chunk_tokens(),
+                            read=kv.attended_tokens(n_mem), attention_backend=self.backend,
+                            block_fn=self._block_fn(n_mem), **cams)
+
+        if not self._use_graphs(x.device, n_mem):
+            return run()
+        graph = self._graphs.get("step")
+        if graph is None:
+            statics = {"latents": x.clone(), "timesteps": timesteps.clone(),
+                       **{k: v.clone() for k, v in cams.items()}}
+            graph = self._capture("step", lambda: run(
+                statics["latents"], statics["timesteps"], {k: statics[k] for k in cams}), statics)
+        out = graph(latents=x, timesteps=timesteps, **cams)
+        self.stats.replays += 1
+        return out
+
+    def _capture(self, name: str, fn, statics) -> _Graph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = _Graph(fn, statics, self._pool)
+        self._graphs[name] = graph
+        self.stats.captures += 1
+        return graph
+
+    def finish(self) -> AccelStats:
+        # Compiles beyond the expected steady-state ones count as recompiles.
+        expected = 2 if self._compiled is not None else 0
+        self.stats.recompiles = max(0, _dynamo_compiles() - self._dynamo_start - expected)
+        return self.stats
+
+
+def _dynamo_compiles() -> int:
+    """Frames dynamo has compiled so far in this process."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # pragma: no cover - counters are best effort
+        return 0
