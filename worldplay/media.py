@@ -508,7 +508,6 @@ class VideoWriter:
 # codec tags such as "0x31637661" from matching.
 _SIZE_RE = re.compile(r", (\d+)x(\d+)\b")
 _FPS_RE = re.compile(r", ([\d.]+) fps")
-_FRAME_RE = re.compile(r"frame=\s*(\d+)")
 
 
 def _run_ffmpeg(path: Path, output_args: list[str], what: str) -> tuple[bytes, str]:
@@ -569,17 +568,21 @@ def _sha256(path: Path) -> str:
 def video_info(path: PathLike) -> dict[str, Any]:
     """Facts about a written video for manifests: frames, fps, width, height, bytes, sha256.
 
-    The frame count comes from ffmpeg copying the video stream to a null muxer (no
-    decode), which is exact for the constant-frame-rate MP4s written here.
+    The frame count comes from ``imageio_ffmpeg.count_frames_and_secs`` (ffmpeg copies
+    the stream to a null muxer: no decode), which is exact for the constant-frame-rate MP4s
+    written here and robust across ffmpeg versions.
     """
+    import imageio_ffmpeg
+
     path = Path(path)
     _, log = _run_ffmpeg(path, ["-map", "0:v:0", "-c", "copy", "-f", "null", "-"], "probe")
     width, height, fps = _size_and_fps(_video_stream_line(log, "Input #0"))
-    counts = _FRAME_RE.findall(log)
-    if not counts:
-        raise MediaError(f"ffmpeg did not report a frame count for {str(path)!r}")
+    try:
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except (RuntimeError, OSError) as exc:
+        raise MediaError(f"ffmpeg could not count the frames of {str(path)!r}: {exc}") from exc
     return {
-        "frames": int(counts[-1]),  # the last progress line is the final total
+        "frames": int(frames),
         "fps": fps,
         "width": width,
         "height": height,
