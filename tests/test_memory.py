@@ -167,3 +167,13 @@ def test_positions_keep_true_distance_of_recent_context():
             for rank, frame in enumerate(selected):
                 if frame >= cur - 12:
                     assert q_pos - mem_pos[rank].item() == (cur + q_i) - frame
+
+
+def test_compiled_prope_transform_equals_matmul():
+    """Inside torch.compile the 4x4 transforms are written as fused multiply-adds."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3 * 6, 2, 8, generator=gen)
+    m = torch.randn(1, 3, 4, 4, generator=gen)
+    eager = apply_per_frame(x, m)
+    compiled = torch.compile(apply_per_frame, dynamic=False)(x, m)
+    assert rel_err(compiled, eager) <= 1e-6

@@ -380,3 +380,23 @@ def test_wan5b_layout_on_meta():
     assert sum(p.numel() for p in ours.encoder.parameters()) == 149_627_776
     assert sum(p.numel() for p in ours.decoder.parameters()) == 555_049_228
     assert len(ours.decoder.slots) == 32
+
+
+def test_channels_last_decode_equals_contiguous():
+    """The fast-decode layout (NDHWC weights, activations and history) is the same function."""
+    from worldplay.models import random_models
+
+    vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
+    z = torch.randn(1, 48, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+
+    def stream(v):
+        state = v.new_decode_state(1, 4, 6)
+        return torch.cat([v.decode(z[:, :, :4], state), v.decode(z[:, :, 4:], state)], dim=2)
+
+    plain = stream(vae)
+    vae.enable_fast_decode(compile=False, channels_last=True)
+    assert vae.new_decode_state(1, 4, 6).buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
+    fast = stream(vae)
+    vae.disable_fast_decode()
+    assert rel_err(fast, plain) <= 1e-5
+    assert torch.equal(stream(vae), plain)

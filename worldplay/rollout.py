@@ -56,6 +56,7 @@ class RolloutSettings:
     # .to(bfloat16)); True reproduces that, False keeps float32 tables.
     official_rope_tables: bool = True
     accel: str = "eager"  # see worldplay.accel: eager, compile, graphs, compile+graphs
+    fast_decode: bool = False  # channels-last + compiled VAE decoder (WanVAE.enable_fast_decode)
 
     def __post_init__(self) -> None:
         if self.num_chunk < 1:
@@ -183,6 +184,11 @@ class WorldPlayPipeline:
         timesteps, sigmas = distilled_schedule()
         timer = StageTimer(dev)
         runner = DiTRunner(dit, settings.accel, settings.attention_backend)
+        if settings.fast_decode != bool(self.vae.fast_decode):
+            if settings.fast_decode:
+                self.vae.enable_fast_decode()
+            else:
+                self.vae.disable_fast_decode()
         self.last_accel_stats = runner.stats
         rope_cache: dict[int, tuple] = {}
 

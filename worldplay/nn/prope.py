@@ -76,5 +76,12 @@ def apply_per_frame(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     b, length, heads, d = x.shape
     frames = matrices.shape[1]
     groups = x.reshape(b, frames, length // frames, heads, d // 4, 4)
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph the 16 multiply-adds fuse with the neighbouring elementwise
+        # work into one pass; as a matmul they would be a separate tiny-batched GEMM launch.
+        # Float32 accumulation and one rounding, as the tensor-core matmul does.
+        m32 = matrices.float()[:, :, None, None, None]  # [B, F, 1, 1, 1, 4, 4]
+        out = (groups.float().unsqueeze(-2) * m32).sum(-1)
+        return out.to(x.dtype).reshape(b, length, heads, d)
     m = matrices.to(x.dtype)[:, :, None, None]  # [B, F, 1, 1, 4, 4]
     return (groups @ m.transpose(-1, -2)).reshape(b, length, heads, d)

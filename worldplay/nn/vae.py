@@ -482,9 +482,14 @@ class _StreamingCoder(nn.Module):
     def cache_slots(self) -> list[tuple[nn.Module, CacheSlot]]:
         raise NotImplementedError
 
-    def allocate_buffers(self, batch: int, height: int, width: int, device, dtype) -> list[torch.Tensor]:
+    def allocate_buffers(
+        self, batch: int, height: int, width: int, device, dtype, memory_format=torch.contiguous_format
+    ) -> list[torch.Tensor]:
         """Zero-filled history buffers for a stream whose reference grid is ``height x width``."""
-        return [torch.zeros(s.shape(batch, height, width), device=device, dtype=dtype) for s in self.slots]
+        return [
+            torch.zeros(s.shape(batch, height, width), device=device, dtype=dtype).to(memory_format=memory_format)
+            for s in self.slots
+        ]
 
 
 class Encoder(_StreamingCoder):
@@ -591,6 +596,8 @@ class WanVAE(nn.Module):
         self.quant_conv = nn.Conv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.post_quant_conv = nn.Conv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
+        self.fast_decode: dict[str, bool] = {}  # see enable_fast_decode
+        self._compiled_decoder = None
         # Constants, not weights: kept out of the state dict and always float32 (see _apply).
         self.register_buffer("latents_mean", torch.empty(0), persistent=False)
         self.register_buffer("latents_std", torch.empty(0), persistent=False)
@@ -706,8 +713,33 @@ class WanVAE(nn.Module):
         ref = self.post_quant_conv.weight
         device = ref.device if device is None else torch.device(device)
         dtype = ref.dtype if dtype is None else dtype
-        buffers = self.decoder.allocate_buffers(batch, latent_h, latent_w, device=device, dtype=dtype)
+        memory_format = torch.channels_last_3d if self.fast_decode.get("channels_last") else torch.contiguous_format
+        buffers = self.decoder.allocate_buffers(
+            batch, latent_h, latent_w, device=device, dtype=dtype, memory_format=memory_format
+        )
         return DecodeState(buffers, batch, latent_h, latent_w)
+
+    def enable_fast_decode(self, compile: bool = True, channels_last: bool = True) -> None:
+        """Speed options for the steady-state decode (same function, different kernels):
+        ``channels_last`` stores conv weights, activations and history buffers as NDHWC, which
+        cuDNN's implicit-GEMM convolutions use natively (no layout transposes);
+        ``compile`` runs the decoder through ``torch.compile`` once a stream is past its first
+        latent (the fresh first call has other shapes and runs eagerly), fusing the RMS norms,
+        SiLUs and residual adds around the convolutions."""
+        self.fast_decode = {"compile": compile, "channels_last": channels_last}
+        if channels_last:
+            for module in self.decoder.modules():
+                if isinstance(module, nn.Conv3d):
+                    module.to(memory_format=torch.channels_last_3d)
+        self._compiled_decoder = torch.compile(self.decoder, dynamic=False) if compile else None
+
+    def disable_fast_decode(self) -> None:
+        """Back to the plain eager, contiguous decoder."""
+        self.fast_decode = {}
+        self._compiled_decoder = None
+        for module in self.decoder.modules():
+            if isinstance(module, nn.Conv3d):
+                module.to(memory_format=torch.contiguous_format)
 
     def decoded_frames(self, num_latents: int, first_latent_done: bool) -> int:
         """Frames produced by decoding ``num_latents`` latents (latent 0 of a stream gives 1)."""
@@ -736,6 +768,9 @@ class WanVAE(nn.Module):
         if latents.device != buf.device:
             raise ValueError(f"latents are on {latents.device}, the decode state is on {buf.device}")
         x = self.post_quant_conv(self.denormalize_latents(latents.to(buf.dtype)))
-        out = self.decoder(x, state)
+        if self.fast_decode.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        decoder = self._compiled_decoder if (self._compiled_decoder is not None and not state.fresh) else self.decoder
+        out = decoder(x, state)
         state.fresh = False
         return unpatchify(out, self.patch).clamp_(-1.0, 1.0)
