@@ -391,6 +391,9 @@ def load_vae(
     config = vae_config_from_dict(raw_config, str(directory / "config.json"))
     with torch.device("meta"):
         model = WanVAE(config)
+    # to_empty materialises the VAE's float32 latent statistics (non-persistent, rebuilt from
+    # the config) on the device; the weights are then assigned from the checkpoint.
+    model = model.to_empty(device=device)
     load_into(model, state, str(directory), device=device, dtype=dtype)
     del state
     return model.eval(), files_identity([directory / "config.json", *weight_files])
