@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--device", default=None, help="default cuda:$LOCAL_RANK; 'cpu' is a smoke test for tiny weights"
     )
+    ap.add_argument("--sdpa-backend", default="default", choices=["default", "flash", "efficient", "math"],
+                    help="restrict PyTorch's SDPA dispatcher (the official code already disables cuDNN "
+                         "attention; 'default' then picks flash). Used for kernel-noise floors.")
     ap.add_argument("--text-preset", default="wan5b", choices=["wan5b", "tiny"],
                     help="model preset whose text width --random-text uses (tiny: CPU smoke tests)")  # fmt: skip
     return ap
@@ -150,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     leg = OfficialLeg(args.official, args.weights, device=args.device, compile=args.compile)
     load_s = time.perf_counter() - t0
+    if args.sdpa_backend != "default":
+        # Global flags, read by the dispatcher at every call (the stub calls plain SDPA).
+        for name in ("flash", "efficient", "math"):
+            keep = name == args.sdpa_backend
+            {"flash": torch.backends.cuda.enable_flash_sdp, "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+             "math": torch.backends.cuda.enable_math_sdp}[name](keep)
     env = leg.environment()
     print(json.dumps(env), flush=True)
 
