@@ -39,14 +39,77 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "worldplay", "tests", "noxfile.py", "scripts")
 
 
+# kind -> (GPU experiment, tiny CPU experiment or None)
+EXPERIMENTS = {
+    "bench": ("bench-h100", "bench-tiny-cpu"),
+    "rollouts": ("rollouts-samples", "rollouts-tiny-cpu"),
+    "drift": ("drift-bf16-vs-fp32", "drift-tiny-cpu"),
+    "parity": ("parity-official", None),
+}
+
+
+def _split_experiments(posargs: list[str]) -> tuple[list[str], list[str]]:
+    """``--experiment NAME`` (repeatable) out of the session arguments; the rest passes through."""
+    names, rest = [], []
+    args = iter(posargs)
+    for arg in args:
+        if arg == "--experiment":
+            names.append(next(args, ""))
+        elif arg.startswith("--experiment="):
+            names.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return [n for n in names if n], rest
+
+
+def _has_cuda(session: nox.Session) -> bool:
+    out = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True)
+    return str(out).strip().endswith("True")
+
+
+def _run_experiments(session: nox.Session, kind: str) -> None:
+    """Run the named experiments, or the default one of ``kind``: the GPU experiment where CUDA is
+    available, else the tiny CPU one (labelled ``cpu-tiny`` in its result)."""
+    _install(session)
+    names, rest = _split_experiments(session.posargs)
+    if not names:
+        gpu, cpu = EXPERIMENTS[kind]
+        if _has_cuda(session):
+            names = [gpu]
+        elif cpu is None:
+            session.error(f"{kind} needs a CUDA GPU and the official checkout (--official PATH); "
+                          "there is no tiny CPU version")
+        else:
+            session.log(f"no CUDA GPU: running the tiny CPU experiment {cpu} (results labelled cpu-tiny)")
+            names = [cpu]
+    for name in names:
+        session.run("python", "-m", "worldplay", "experiment", "run", name, *rest)
+
+
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks. The experiment runner arrives with the experiments issue; until then this
-    prints how to run the backbone measurement script on a GPU machine."""
-    session.log(
-        "Experiments (pinned configs, runner, results) arrive in a later issue. "
-        "Backbone measurement on a GPU: python scripts/backbone_h100.py"
-    )
+    """Benchmarks: bench-h100 on a CUDA machine, bench-tiny-cpu otherwise.
+    ``nox -s bench -- --experiment NAME [--official PATH] [--allow-dirty] ...``"""
+    _run_experiments(session, "bench")
+
+
+@nox.session(python=PYTHON)
+def rollouts(session: nox.Session) -> None:
+    """Sample videos (MP4s under runs/videos/, never committed) with per-chunk stats and
+    video-manifest entries. Needs the sample inputs: set WORLDPLAY_DATA_DIR offline."""
+    _run_experiments(session, "rollouts")
+
+
+@nox.session(python=PYTHON)
+def drift(session: nox.Session) -> None:
+    """Drift studies: per-chunk |delta| between two legs (bf16 vs float32 by default)."""
+    _run_experiments(session, "drift")
+
+
+@nox.session(python=PYTHON)
+def parity(session: nox.Session) -> None:
+    """Native vs the official code with identical weights (CUDA and --official PATH required)."""
+    _run_experiments(session, "parity")
 
 
 @nox.session(python=PYTHON)
