@@ -88,23 +88,25 @@ def main() -> None:
     if args.profile:
         print(profile_eager(pipe, image, text, traj, args.profile, args.backend)[:6000], flush=True)
     base = None
-    for mode in args.variants.split(","):
-        res = run_variant(pipe, image, text, traj, 7, accel=mode, attention_backend=args.backend)
+    for variant in args.variants.split(","):
+        mode, _, extra = variant.partition("/")
+        res = run_variant(pipe, image, text, traj, 7, accel=mode, attention_backend=args.backend,
+                          fast_decode=extra == "fastvae")
         lat = res.pop("_latents")
         if base is None:
             base = lat
         res["latent_rel_err_vs_first"] = [
             ((a - b).norm() / b.norm()).item() for a, b in zip(lat, base, strict=True)
         ]
-        results[mode] = res
-        print(mode, json.dumps({k: v for k, v in res.items() if k != "chunks"}), flush=True)
+        results[variant] = res
+        print(variant, json.dumps({k: v for k, v in res.items() if k != "chunks"}), flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print("\nmode | prefill | 4 steps | DiT | decode | replays/captures/recompiles")
-    for mode in args.variants.split(","):
-        r = results[mode]
+    for variant in args.variants.split(","):
+        r = results[variant]
         a = r["accel"]
-        print(f"{mode} | {r['steady_prefill_ms']:.1f} | {r['steady_steps_ms']:.1f} | {r['steady_dit_ms']:.1f} | "
+        print(f"{variant} | {r['steady_prefill_ms']:.1f} | {r['steady_steps_ms']:.1f} | {r['steady_dit_ms']:.1f} | "
               f"{r['steady_decode_ms']:.1f} | {a['replays']}/{a['captures']}/{a['recompiles']}")
 
 
