@@ -140,10 +140,15 @@ class DiTRunner:
         self.stats.captures += 1
         return graph
 
+    def steady_state_begins(self) -> None:
+        """Called once the first steady chunk (and its compiles/captures) is done: any graph
+        dynamo compiles after this point is a recompile in the steady state."""
+        self._dynamo_start = _dynamo_compiles()
+        self._steady = True
+
     def finish(self) -> AccelStats:
-        # Compiles beyond the expected steady-state ones count as recompiles.
-        expected = 2 if self._compiled is not None else 0
-        self.stats.recompiles = max(0, _dynamo_compiles() - self._dynamo_start - expected)
+        if getattr(self, "_steady", False):
+            self.stats.recompiles = _dynamo_compiles() - self._dynamo_start
         return self.stats
 
 

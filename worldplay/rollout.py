@@ -29,7 +29,7 @@ import torch
 
 from .accel import ACCEL_MODES, DiTRunner
 from .media import frames_to_uint8
-from .memory import CHUNK_LATENTS, CONTEXT_TIMESTEP, LatentHistory, MemoryKV, memory_positions
+from .memory import CHUNK_LATENTS, CONTEXT_TIMESTEP, MEMORY_SLOTS, LatentHistory, MemoryKV, memory_positions
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
 from .nn.attention import check_backend
 from .nn.dit import WanDiT
@@ -208,6 +208,8 @@ class WorldPlayPipeline:
             selection = None
             n_mem = 0
             timer.read()  # restart the clock at the chunk boundary (after the host work)
+            if cur == MEMORY_SLOTS + CHUNK_LATENTS:  # the first steady chunk (warm-up of graphs) is done
+                runner.steady_state_begins()
             if chunk > 0:
                 selection = select_memory(history.viewmats, cur, points)
                 idx = torch.tensor(selection.indices, device=dev)
