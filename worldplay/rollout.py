@@ -148,6 +148,18 @@ class WorldPlayPipeline:
         """Generate ``settings.num_chunk`` chunks from ``image [3, H, W]`` in [-1, 1] and the
         prompt embeddings ``text_states [1, L, text_dim]``."""
         traj = trajectory.for_chunks(settings.num_chunk)  # errors before any model work
+        if self.dtype == torch.float32:
+            # A float32 run is a reference: no TF32 in matmuls or cuDNN convolutions.
+            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                yield from self._rollout(image, text_states, traj, settings)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            return
+        yield from self._rollout(image, text_states, traj, settings)
+
+    def _rollout(self, image, text_states, traj, settings: RolloutSettings) -> Iterator[ChunkOutput]:
         dev, dtype, dit = self.device, self.dtype, self.dit
         height, width = image.shape[-2:]
         spatial = self.vae.config.scale_factor_spatial
