@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_experiment_commands(sub)
+    from .site.publish import add_publish_command
+
+    add_publish_command(sub)
     return parser
 
 

@@ -58,6 +58,8 @@ def resolve_location(spec: str, allow_patterns: list[str]) -> tuple[Path, Weight
 
 
 def load_real_models(checkpoint: str, base: str, *, device, dtype=torch.bfloat16) -> LoadedModels:
+    """The published weights: the HY-WorldPlay DiT from ``checkpoint`` and the Wan 2.2 VAE from
+    ``base`` (local directories or ``hf://repo@commit``), with the identity of every file."""
     ckpt_dir, ckpt_hub = resolve_location(checkpoint, WORLDPLAY_FILES)
     base_dir, base_hub = resolve_location(base, BASE_FILES)
     dit, dit_id = load_dit(

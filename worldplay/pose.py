@@ -92,9 +92,9 @@ _ALLOWED = ", ".join(ACTIONS)
 # Pixel intrinsics that the official code attaches to pose strings (1920x1080, fx = 960/0.99).
 DEFAULT_K = np.array([[969.6969696969696, 0.0, 960.0], [0.0, 969.6969696969696, 540.0], [0.0, 0.0, 1.0]])
 
-# Upper bound on the total number of steps of a pose string. The model needs far fewer (60
-# chunks = 239 steps at the default 961 frames); the cap turns a typo such as "w-3000000"
-# into an error instead of minutes of work and gigabytes of memory.
+#: Upper bound on the total number of steps of a pose string. The model needs far fewer (60
+#: chunks = 239 steps at the default 961 frames); the cap turns a typo such as "w-3000000"
+#: into an error instead of minutes of work and gigabytes of memory.
 MAX_STEPS = 4096
 
 # Label thresholds of the official `pose_to_input`.

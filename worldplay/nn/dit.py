@@ -417,7 +417,7 @@ class WanDiT(nn.Module):
 
         ``rope``: precomputed tables (:meth:`rope_for`) instead of ``frame_positions`` (static
         inputs for CUDA-graph capture). ``block_fn(block, x, e, text_kv, inputs, backend, kv)``
-        replaces the plain block call (e.g. a ``torch.compile``d function).
+        replaces the plain block call (e.g. a function compiled with ``torch.compile``).
         """
         b, _, num_frames, height, width = latents.shape
         if rope is None:
