@@ -204,8 +204,11 @@ def trajectory_for(pose: str, num_chunk: int, manifest: InputManifest) -> Trajec
 
 def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, image_path: Path,
                    text: torch.Tensor, trajectory: Trajectory, device: torch.device, *,
-                   desc: str = "", progress: bool = True) -> Iterator[LegChunk]:
-    """Run one native rollout and yield its chunks with normalised stage names."""
+                   desc: str = "", progress: bool = True, accel_out: dict | None = None) -> Iterator[LegChunk]:
+    """Run one native rollout and yield its chunks with normalised stage names.
+
+    ``accel_out`` receives the rollout's CUDA-graph and compile counters (captures, replays,
+    recompiles in the steady state) once the rollout is complete."""
     from ..media import load_image
     from ..rollout import WorldPlayPipeline
 
@@ -230,6 +233,8 @@ def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, 
             memory_indices=list(out.memory.indices) if out.memory else None,
             retrieved_clip=out.memory.chosen_start if out.memory else None,
         )
+    if accel_out is not None:
+        accel_out.update(pipe.last_accel_stats.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,10 +68,13 @@ def run(ctx: RunContext) -> KindOutput:
         for name in native:
             leg = native_leg(name, ctx.device.type)
             t0 = time.perf_counter()
+            accel: dict = {}
             with peak_memory(ctx.device) as peak:
                 for chunk in native_rollout(models, leg, cfg, image_path, text, trajectory, ctx.device,
-                                            desc=f"{name} rep {rep + 1}/{cfg.repetitions}", progress=ctx.progress):
+                                            desc=f"{name} rep {rep + 1}/{cfg.repetitions}", progress=ctx.progress,
+                                            accel_out=accel):
                     timings[name].append((rep, _light(chunk)))
+            legs[name].setdefault("accel", []).append(accel)
             legs[name]["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
             _merge_peak(legs[name]["peak_memory"], peak)
 
