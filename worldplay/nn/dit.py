@@ -121,10 +121,11 @@ def _store(ks, vs, kv_buffer, write: slice, batch: int) -> None:
         v_buf[i * batch : (i + 1) * batch, write].copy_(vb)
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with q/k RMSNorm across heads and 3-D RoPE (+ HY's PRoPE output branch)."""
+class _Attention(nn.Module):
+    """The projections shared by self- and cross-attention (diffusers names): q, k, v, out and
+    RMSNorm of q and k across all heads."""
 
-    def __init__(self, config: DiTConfig, with_prope: bool):
+    def __init__(self, config: DiTConfig):
         super().__init__()
         dim = config.dim
         self.heads = config.num_attention_heads
@@ -134,7 +135,14 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
-        self.to_out_prope = nn.ModuleList([nn.Linear(dim, dim)]) if with_prope else None
+
+
+class SelfAttention(_Attention):
+    """Self-attention with q/k RMSNorm across heads and 3-D RoPE (+ HY's PRoPE output branch)."""
+
+    def __init__(self, config: DiTConfig, with_prope: bool):
+        super().__init__(config)
+        self.to_out_prope = nn.ModuleList([nn.Linear(config.dim, config.dim)]) if with_prope else None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, L, D]`` -> q, k, v ``[B, L, H, d]`` (q, k normalised, not yet rotated)."""
@@ -189,19 +197,8 @@ class SelfAttention(nn.Module):
         return out
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Text cross-attention; the text keys/values are computed once per prompt (:meth:`text_kv`)."""
-
-    def __init__(self, config: DiTConfig):
-        super().__init__()
-        dim = config.dim
-        self.heads = config.num_attention_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text ``[B, Lt, D]`` -> k, v ``[B, H, Lt, d]``."""

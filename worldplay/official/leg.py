@@ -361,9 +361,8 @@ class OfficialLeg:
 
     def _load_generator(self, model) -> None:
         """``_init_models``: torch.load to the device, 'generator', strip prefixes, strict load."""
-        blob = torch.load(
-            self.weights_dir / "wan_distilled_model" / "model.pt", map_location=self.device, weights_only=True
-        )
+        path = self.weights_dir / "wan_distilled_model" / "model.pt"
+        blob = torch.load(path, map_location=self.device, weights_only=True)
         state = blob["generator"]
         state = {(k.replace("model.", "") if k.startswith("model.") else k): v for k, v in state.items()}
         state = {
