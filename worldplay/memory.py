@@ -145,3 +145,22 @@ class LatentHistory:
         target = self.memory_latents[:, :, MEMORY_SLOTS - n :]
         target.copy_(self.latents.index_select(2, indices))
         return target
+
+
+class ReuseState:
+    """Bookkeeping of the ``reuse`` memory mode: which latent frame each physical memory slot
+    holds and at which temporal RoPE position its keys were rotated.
+
+    Physical slot order does not matter to attention (keys are permutation-invariant once
+    rotated at the right position); only the rotation position must equal the frame's rank in
+    the current selection.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list[int] = []  # frame of each valid slot, left to right (right-aligned block)
+        self.positions: dict[int, int] = {}
+
+    def plan(self, selected: list[int]) -> tuple[list[int], list[int]]:
+        """(reused, missing) frames of a new selection, each in ascending order."""
+        held = set(self.frames)
+        return [f for f in selected if f in held], [f for f in selected if f not in held]

@@ -29,14 +29,26 @@ import torch
 
 from .accel import ACCEL_MODES, DiTRunner
 from .media import frames_to_uint8
-from .memory import CHUNK_LATENTS, CONTEXT_TIMESTEP, MEMORY_SLOTS, LatentHistory, MemoryKV, memory_positions
+from .memory import (
+    CHUNK_LATENTS,
+    CONTEXT_TIMESTEP,
+    MEMORY_SLOTS,
+    LatentHistory,
+    MemoryKV,
+    ReuseState,
+    memory_positions,
+)
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
 from .nn.attention import check_backend
 from .nn.dit import WanDiT
+from .nn.rope import apply_rope, temporal_rotation_tables
 from .pose import Trajectory
 from .sampler import distilled_schedule, euler_step
 
-MEMORY_MODES = ("reprefill",)
+# reprefill: the official behaviour (all memory K/V recomputed every chunk). reuse: a fast
+# approximation that keeps the K/V of frames that stay selected (re-rotated to their new
+# positions) and computes only newly selected frames; its drift is measured, never assumed.
+MEMORY_MODES = ("reprefill", "reuse")
 OFFICIAL_NOISE_LATENTS = 241  # (961 - 1) // 4 + 1: the official CLI's default --num_frames 961
 
 
@@ -203,6 +215,7 @@ class WorldPlayPipeline:
                 self.vae.disable_fast_decode()
         self.last_accel_stats = runner.stats
         rope_cache: dict[int, tuple] = {}
+        reuse = ReuseState()
 
         def rope_tables(n_mem: int):
             """(memory, chunk) RoPE tables for N memory frames, built once per N (static)."""
@@ -227,12 +240,17 @@ class WorldPlayPipeline:
                 idx = torch.tensor(selection.indices, device=dev)
                 n_mem = idx.numel()
                 timer.mark("select")
-                mem_latents = history.gather_memory(idx)
-                runner.prefill(
-                    mem_latents, torch.full((1, n_mem), CONTEXT_TIMESTEP, device=dev), text, kv, n_mem,
-                    rope_tables(n_mem)[0], actions=history.actions[idx][None],
-                    viewmats=history.viewmats[idx][None], intrinsics=history.intrinsics[idx][None],
-                )
+                if settings.memory_mode == "reuse" and reuse.frames:
+                    self._update_reused_memory(reuse, selection.indices, history, text, kv, settings, lh, lw)
+                else:
+                    mem_latents = history.gather_memory(idx)
+                    runner.prefill(
+                        mem_latents, torch.full((1, n_mem), CONTEXT_TIMESTEP, device=dev), text, kv, n_mem,
+                        rope_tables(n_mem)[0], actions=history.actions[idx][None],
+                        viewmats=history.viewmats[idx][None], intrinsics=history.intrinsics[idx][None],
+                    )
+                    reuse.frames = list(selection.indices)
+                    reuse.positions = {f: i for i, f in enumerate(selection.indices)}
                 timer.mark("prefill")
             master = noise[:, :, frames_idx].clone()
             if chunk == 0:
@@ -269,3 +287,46 @@ class WorldPlayPipeline:
                 index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
             )
         runner.finish()
+
+    def _update_reused_memory(self, reuse: ReuseState, selected: list[int], history: LatentHistory, text,
+                              kv: MemoryKV, settings: RolloutSettings, lh: int, lw: int) -> None:
+        """``reuse`` mode: keep the K/V of frames that stay selected, re-rotated to their new
+        rank, in the first slots of the valid block; compute only the newly selected frames
+        (at t = 14, attending to the whole selection, like a prefill) into the slots after them."""
+        dit, dev = self.dit, self.device
+        cfg = dit.config
+        tokens = kv.tokens_per_frame
+        n = len(selected)
+        rank = {f: i for i, f in enumerate(selected)}
+        reused, missing = reuse.plan(selected)
+        base = MEMORY_SLOTS - n
+        if reused:
+            first_old = MEMORY_SLOTS - len(reuse.frames)
+            old_slot = {f: first_old + i for i, f in enumerate(reuse.frames)}
+            src = torch.cat([torch.arange(old_slot[f] * tokens, (old_slot[f] + 1) * tokens) for f in reused]).to(dev)
+            deltas = torch.tensor([rank[f] - reuse.positions[f] for f in reused], dtype=torch.float64)
+            cos, sin = temporal_rotation_tables(deltas, tokens, cfg.attention_head_dim)
+            if dit.rope_table_dtype is not None:
+                cos, sin = cos.to(dit.rope_table_dtype).float(), sin.to(dit.rope_table_dtype).float()
+            cos, sin = cos.to(dev), sin.to(dev)
+            dst = slice(base * tokens, (base + len(reused)) * tokens)
+            batch = kv.k.shape[1] // 2  # rows [0, B): RoPE branch; [B, 2B): PRoPE branch (position-free)
+            for layer in range(cfg.num_layers):
+                k = kv.k[layer].index_select(1, src)
+                v = kv.v[layer].index_select(1, src)
+                k[:batch] = apply_rope(k[:batch], cos, sin)
+                kv.k[layer][:, dst].copy_(k)
+                kv.v[layer][:, dst].copy_(v)
+        if missing:
+            idx = torch.tensor(missing, device=dev)
+            positions = torch.tensor([rank[f] for f in missing], dtype=torch.float64)
+            dit(
+                history.latents.index_select(2, idx), torch.full((1, len(missing)), CONTEXT_TIMESTEP, device=dev),
+                text, rope=dit.rope_for(positions, len(missing), lh, lw, dev),
+                actions=history.actions[idx][None], viewmats=history.viewmats[idx][None],
+                intrinsics=history.intrinsics[idx][None], kv_buffers=kv,
+                write=slice((base + len(reused)) * tokens, MEMORY_SLOTS * tokens), read=kv.memory_tokens(n),
+                prefill=True, attention_backend=settings.attention_backend,
+            )
+        reuse.frames = reused + missing
+        reuse.positions = {f: rank[f] for f in selected}

@@ -98,6 +98,8 @@ def native_leg(name: str, device_type: str) -> NativeLeg:
         return NativeLeg(name, torch.bfloat16, fastest_settings(device_type))
     if name == "native-float32":
         return NativeLeg(name, torch.float32, {"official_rope_tables": False})
+    if name == "native-reuse":
+        return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), "memory_mode": "reuse"})
     if name == "native-compiled":
         return NativeLeg(name, torch.bfloat16, {"accel": "compile"})
     raise ValueError(f"{name!r} is not a native leg")

@@ -51,7 +51,7 @@ OFFICIAL_NOISE_LATENTS = 241  # worldplay.rollout.OFFICIAL_NOISE_LATENTS
 CHUNK_LATENTS = 4
 SPATIAL_MULTIPLE = 32  # VAE stride 16 x DiT patch 2
 
-NATIVE_LEGS = ("native-eager", "native-fastest", "native-float32", "native-compiled")
+NATIVE_LEGS = ("native-eager", "native-fastest", "native-float32", "native-compiled", "native-reuse")
 OFFICIAL_LEG = "official"
 LEGS = (*NATIVE_LEGS, OFFICIAL_LEG)
 LEG_HELP = {
@@ -59,6 +59,8 @@ LEG_HELP = {
     "native-fastest": "this package with the fastest known settings (worldplay.experiments.legs.fastest_settings)",
     "native-float32": "this package, the same weights cast to float32, float32 RoPE tables",
     "native-compiled": "this package, bf16, torch.compile'd DiT blocks (RolloutSettings.accel='compile')",
+    "native-reuse": "the fastest settings with memory_mode='reuse' (a fast approximation: memory K/V kept "
+    "across chunks instead of re-prefilled)",
     "official": "the official HY-WorldPlay code (needs --official PATH or WORLDPLAY_OFFICIAL)",
 }
 PARITY_FLOORS = ("repeat", "compile-toggle", "none")

@@ -64,3 +64,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     s = sin[None, :, None, :]
     out = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def temporal_rotation_tables(
+    deltas: torch.Tensor, tokens_per_frame: int, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[F*tokens_per_frame, head_dim/2]`` that move keys by ``deltas[f]``
+    temporal positions and leave the height/width features alone.
+
+    RoPE rotations compose (``R(a) R(b) = R(a + b)``), so a key rotated at position ``p`` and
+    then by ``delta`` equals the key rotated at ``p + delta`` up to rounding.
+    """
+    t_dim, h_dim, w_dim = rope_axis_dims(head_dim)
+    ang_t = _axis_angles(deltas.reshape(-1), t_dim, theta)  # [F, t_dim/2]
+    zeros = torch.zeros(ang_t.shape[0], (h_dim + w_dim) // 2, dtype=ang_t.dtype, device=ang_t.device)
+    angles = torch.cat([ang_t, zeros], dim=-1).repeat_interleave(tokens_per_frame, dim=0)
+    return angles.cos().float(), angles.sin().float()
