@@ -160,9 +160,9 @@ def measure_vae(results: dict, parity: bool) -> None:
         ref.load_state_dict(vae.state_dict(), strict=True)
         assert not list(ref.buffers()), "AutoencoderKLWan grew buffers: rebuild them here"
 
-        def hy_stream(z_norm: torch.Tensor) -> torch.Tensor:
+        def hy_stream(z_norm: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
             # HY-WorldPlay's MyVAE: one latent per call, cache kept, first_chunk for latent 0.
-            z = vae.denormalize_latents(z_norm.to(torch.bfloat16))
+            z = vae.denormalize_latents(z_norm.to(dtype))
             ref.clear_cache()
             outs = []
             for i in range(z.shape[2]):
@@ -182,14 +182,7 @@ def measure_vae(results: dict, parity: bool) -> None:
             other_algo = hy_stream(z)
             torch.backends.cudnn.benchmark = False
             ref.float()
-            zf = vae.denormalize_latents(z.float())
-            ref.clear_cache()
-            outs = []
-            for i in range(zf.shape[2]):
-                ref._conv_idx = [0]
-                xx = ref.post_quant_conv(zf[:, :, i : i + 1])
-                outs.append(ref.decoder(xx, feat_cache=ref._feat_map, feat_idx=ref._conv_idx, first_chunk=(i == 0)))
-            exact = dwan.unpatchify(torch.cat(outs, dim=2), patch_size=2).clamp(-1.0, 1.0)
+            exact = hy_stream(z, torch.float32)
         results["vae_parity"] = {
             "ours_bf16_vs_float32_reference": rel_err(ours, exact),
             "diffusers_bf16_vs_float32_reference": rel_err(want, exact),

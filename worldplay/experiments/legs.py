@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import resource
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,14 +115,22 @@ def _location(spec: str) -> str:
     return f"hf://{spec}" if _HUB_SPEC.match(spec) else os.path.expandvars(os.path.expanduser(spec))
 
 
-def load_models(weights: WeightsSpec, preset: str, device: torch.device) -> LoadedModels:
-    """bf16 models on ``device``: seeded random init, a local snapshot or a pinned hub snapshot."""
+def load_models(weights: WeightsSpec, preset: str, device: torch.device,
+                provenance: dict[str, Any] | None = None) -> LoadedModels:
+    """bf16 models on ``device``: seeded random init, a local snapshot or a pinned hub snapshot.
+    With ``provenance``, the weights' identity and the load time are recorded in it."""
     from ..models import load_real_models, random_models
 
+    t0 = time.perf_counter()
     if weights.random_init is not None:
-        return random_models(preset, weights.random_init, device=device, dtype=torch.bfloat16)
-    checkpoint = f"hf://{weights.hub}" if weights.hub else _location(weights.path or "")
-    return load_real_models(checkpoint, _location(weights.base or ""), device=device, dtype=torch.bfloat16)
+        models = random_models(preset, weights.random_init, device=device, dtype=torch.bfloat16)
+    else:
+        checkpoint = f"hf://{weights.hub}" if weights.hub else _location(weights.path or "")
+        models = load_real_models(checkpoint, _location(weights.base or ""), device=device, dtype=torch.bfloat16)
+    if provenance is not None:
+        provenance["weights"] = models.identity
+        provenance["model_load_s"] = round(time.perf_counter() - t0, 3)
+    return models
 
 
 def cast_models(models: LoadedModels, dtype: torch.dtype) -> None:

@@ -57,10 +57,7 @@ def run(ctx: RunContext) -> KindOutput:
     native = [name for name in cfg.legs if name != OFFICIAL_LEG]
     models = None
     if native or OFFICIAL_LEG in cfg.legs:
-        t0 = time.perf_counter()
-        models = load_models(cfg.weights, cfg.preset, ctx.device)
-        provenance["weights"] = models.identity
-        provenance["model_load_s"] = round(time.perf_counter() - t0, 3)
+        models = load_models(cfg.weights, cfg.preset, ctx.device, provenance)
     for name in native:
         legs[name] = {"status": "ok", "kind": "native", "settings": native_leg(name, ctx.device.type).describe(cfg),
                       "peak_memory": {}, "rollout_wall_s": []}

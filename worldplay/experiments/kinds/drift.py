@@ -8,7 +8,6 @@ and float32 RoPE tables. Native legs run first, the official leg (if any) last.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ..compare import compare_runs
@@ -22,10 +21,7 @@ def run(ctx: RunContext) -> KindOutput:
     cfg: DriftConfig = ctx.config  # type: ignore[assignment]
     inputs = paired.prepare(ctx)
     provenance = dict(inputs.provenance)
-    t0 = time.perf_counter()
-    models = load_models(cfg.weights, cfg.preset, ctx.device)
-    provenance["weights"] = models.identity
-    provenance["model_load_s"] = round(time.perf_counter() - t0, 3)
+    models = load_models(cfg.weights, cfg.preset, ctx.device, provenance)
     outputs: dict[str, list[LegChunk]] = {}
     legs: dict[str, dict[str, Any]] = {}
     for name in sorted(cfg.legs, key=lambda n: n == OFFICIAL_LEG):  # native legs first

@@ -7,7 +7,6 @@ Needs the official checkout (``--official``) and a GPU; there is no CPU version.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ..compare import compare_runs
@@ -22,10 +21,7 @@ def run(ctx: RunContext) -> KindOutput:
     native_name = cfg.legs[0]
     inputs = paired.prepare(ctx)
     provenance = dict(inputs.provenance)
-    t0 = time.perf_counter()
-    models = load_models(cfg.weights, cfg.preset, ctx.device)
-    provenance["weights"] = models.identity
-    provenance["model_load_s"] = round(time.perf_counter() - t0, 3)
+    models = load_models(cfg.weights, cfg.preset, ctx.device, provenance)
     legs: dict[str, dict[str, Any]] = {}
     native_chunks, legs[native_name] = paired.run_native(ctx, native_name, models, inputs)
     weights = paired.official_weights(ctx, models)

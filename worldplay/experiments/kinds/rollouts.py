@@ -11,7 +11,6 @@ seeded random prompt embeddings stand in (the caption is recorded, not encoded).
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from tqdm import tqdm
@@ -46,10 +45,8 @@ def run(ctx: RunContext) -> KindOutput:
     trajectories = {pose: trajectory_for(pose, cfg.num_chunk, ctx.manifest) for pose in cfg.poses}
     images = {image: (*prepare_image(image, cfg, ctx.manifest, ctx.scratch), *prompt_for(image, ctx.manifest))
               for image in cfg.inputs}
-    t0 = time.perf_counter()
-    models = load_models(cfg.weights, cfg.preset, ctx.device)
-    provenance: dict[str, Any] = {"weights": models.identity, "model_load_s": round(time.perf_counter() - t0, 3),
-                                  "inputs": {}, "trajectories": {p: t.source for p, t in trajectories.items()}}
+    provenance: dict[str, Any] = {"inputs": {}, "trajectories": {p: t.source for p, t in trajectories.items()}}
+    models = load_models(cfg.weights, cfg.preset, ctx.device, provenance)
     ctx.video_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     videos: list[dict[str, Any]] = []
