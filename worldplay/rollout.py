@@ -241,7 +241,7 @@ class WorldPlayPipeline:
                 n_mem = idx.numel()
                 timer.mark("select")
                 if settings.memory_mode == "reuse" and reuse.frames:
-                    self._update_reused_memory(reuse, selection.indices, history, text, kv, settings, lh, lw)
+                    self._update_reused_memory(reuse, selection.indices, history, text, kv, runner, lh, lw)
                 else:
                     mem_latents = history.gather_memory(idx)
                     runner.prefill(
@@ -289,7 +289,7 @@ class WorldPlayPipeline:
         runner.finish()
 
     def _update_reused_memory(self, reuse: ReuseState, selected: list[int], history: LatentHistory, text,
-                              kv: MemoryKV, settings: RolloutSettings, lh: int, lw: int) -> None:
+                              kv: MemoryKV, runner: DiTRunner, lh: int, lw: int) -> None:
         """``reuse`` mode: keep the K/V of frames that stay selected, re-rotated to their new
         rank, in the first slots of the valid block; compute only the newly selected frames
         (at t = 14, attending to the whole selection, like a prefill) into the slots after them."""
@@ -320,13 +320,12 @@ class WorldPlayPipeline:
         if missing:
             idx = torch.tensor(missing, device=dev)
             positions = torch.tensor([rank[f] for f in missing], dtype=torch.float64)
-            dit(
+            runner.partial_prefill(
                 history.latents.index_select(2, idx), torch.full((1, len(missing)), CONTEXT_TIMESTEP, device=dev),
-                text, rope=dit.rope_for(positions, len(missing), lh, lw, dev),
+                text, kv, n, slice((base + len(reused)) * tokens, MEMORY_SLOTS * tokens),
+                dit.rope_for(positions, len(missing), lh, lw, dev),
                 actions=history.actions[idx][None], viewmats=history.viewmats[idx][None],
-                intrinsics=history.intrinsics[idx][None], kv_buffers=kv,
-                write=slice((base + len(reused)) * tokens, MEMORY_SLOTS * tokens), read=kv.memory_tokens(n),
-                prefill=True, attention_backend=settings.attention_backend,
+                intrinsics=history.intrinsics[idx][None],
             )
         reuse.frames = reused + missing
         reuse.positions = {f: rank[f] for f in selected}

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# "sdpa" lets PyTorch's dispatcher pick; the others pin one SDPA kernel.
+# "sdpa" lets PyTorch's dispatcher pick; the others pin one SDPA kernel. "fa4" is the CuTe-DSL
+# FlashAttention of the optional ``flash-attn-4`` package (Hopper and Blackwell), outside SDPA.
 BACKENDS: dict[str, tuple[SDPBackend, ...] | None] = {
     "sdpa": None,
+    "fa4": None,
     "cudnn": (SDPBackend.CUDNN_ATTENTION,),
     "flash": (SDPBackend.FLASH_ATTENTION,),
     "efficient": (SDPBackend.EFFICIENT_ATTENTION,),
@@ -42,7 +44,32 @@ def attention(
     Layout ``[B, H, L, d]`` for q, k and v (keys may be longer than queries). ``mask`` is an
     additive float mask or a boolean keep-mask broadcastable to ``[B, H, Lq, Lk]``.
     """
-    kernels = BACKENDS[check_backend(backend)]
+    if check_backend(backend) == "fa4":
+        if mask is not None:
+            raise ValueError("the fa4 attention backend takes no mask; use an SDPA backend")
+        # FlashAttention takes [B, L, H, d]; ours are transposed views of exactly that layout.
+        return fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    kernels = BACKENDS[backend]
     ctx = sdpa_kernel(list(kernels)) if kernels is not None else contextlib.nullcontext()
     with ctx:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+
+
+@torch.library.custom_op("worldplay::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[B, L, H, d]`` softmax attention by flash-attn-4; an opaque op to ``torch.compile``
+    (its kernels are compiled by the CuTe DSL at first call, outside any CUDA-graph capture)."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except ImportError as exc:  # the package is optional
+        raise RuntimeError(
+            "attention backend 'fa4' needs the flash-attn-4 package (pip install flash-attn-4, "
+            "a Hopper or Blackwell GPU); or choose 'cudnn'"
+        ) from exc
+    out = flash_attn_func(q, k, v)
+    return (out[0] if isinstance(out, tuple) else out).contiguous()
+
+
+@fa4_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])

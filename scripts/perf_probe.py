@@ -1,0 +1,295 @@
+"""One device call of performance measurements for the notes (issue 6), written as it goes.
+
+    PYTHONPATH=. python scripts/perf_probe.py --out probe.json [--sections attn,gemm,rollouts,profile]
+
+* ``attn``: every attention shape of a steady chunk on each available kernel (cuDNN, flash,
+  FA4 if ``flash-attn-4`` imports), TFLOP/s and the error of each against cuDNN;
+* ``gemm``: the DiT's GEMM shapes in bf16 (``F.linear``) and fp8 e4m3 (``torch._scaled_mm``,
+  row-wise scales), TFLOP/s, plus the bf16 8192^3 ceiling;
+* ``rollouts``: w-27, 7 chunks, steady chunks 4-6 (medians), fastest settings with each
+  attention backend and memory mode, with accel counters and latent error vs the first;
+* ``profile``: kernel time of one steady chunk, compiled blocks without graphs (so the
+  kernels are visible), grouped into attention / GEMM / fused elementwise / copies / other.
+
+Random weights (seeded), wan5b, 704x1280. The JSON is rewritten after every section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+
+from worldplay.nn.attention import attention  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def save(path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+
+
+def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def fa4_available() -> str | None:
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+
+        from importlib.metadata import version
+
+        return version("flash-attn-4")
+    except Exception as exc:  # noqa: BLE001
+        RESULTS["fa4_import_error"] = repr(exc)
+        return None
+
+
+def section_attn(backends: list[str]) -> dict:
+    heads, d = 24, 128
+    shapes = {  # name: (batch = branches, Lq, Lk)
+        "step (chunk vs 16 memory + chunk)": (2, 3520, 17600),
+        "prefill (16 memory frames)": (2, 14080, 14080),
+        "reuse partial (4 new vs 16 memory)": (2, 3520, 14080),
+        "one branch, step": (1, 3520, 17600),
+    }
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (b, lq, lk) in shapes.items():
+        q = torch.randn(b, lq, heads, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(b, lk, heads, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(b, lk, heads, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        flop = 4 * b * heads * d * lq * lk
+        ref = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="cudnn").float()
+        row = {}
+        for be in backends:
+            try:
+                fn = lambda be=be: attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=be)  # noqa: E731
+                ms = cuda_ms(fn)
+                o = fn().float()
+                row[be] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1),
+                           "rel_err_vs_cudnn": float((o - ref).norm() / ref.norm())}
+            except Exception as exc:  # noqa: BLE001
+                row[be] = {"error": repr(exc)[:500]}
+        out[name] = row
+        print("attn", name, json.dumps(row), flush=True)
+    return out
+
+
+def section_gemm() -> dict:
+    out = {}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_ms(lambda: a @ a, reps=20)
+    out["bf16 8192^3"] = {"ms": round(ms, 3), "tflops": round(2 * 8192**3 / ms / 1e9, 1)}
+    shapes = {  # (M tokens, K in, N out)
+        "step q/k/v/o (3520x3072x3072)": (3520, 3072, 3072),
+        "step fused qkv (3520x3072x9216)": (3520, 3072, 9216),
+        "step ffn up (3520x3072x14336)": (3520, 3072, 14336),
+        "step ffn down (3520x14336x3072)": (3520, 14336, 3072),
+        "prefill q/k/v/o (14080x3072x3072)": (14080, 3072, 3072),
+        "prefill ffn up (14080x3072x14336)": (14080, 3072, 14336),
+        "prefill ffn down (14080x14336x3072)": (14080, 14336, 3072),
+    }
+    fp8 = torch.float8_e4m3fn
+    for name, (m, k, n) in shapes.items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        flop = 2 * m * k * n
+        row = {"bf16": cuda_ms(lambda: F.linear(x, w, bias))}
+        try:
+            x8, w8 = x.to(fp8), w.to(fp8)
+            sx = torch.ones(m, 1, device="cuda", dtype=torch.float32)
+            sw = torch.ones(1, n, device="cuda", dtype=torch.float32)
+            row["fp8_rowwise"] = cuda_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, bias=bias,
+                                                                  out_dtype=torch.bfloat16))
+
+            def quant():  # dynamic per-row activation quantisation, as a fast mode would do it
+                s = x.abs().amax(-1, keepdim=True).float() / 448.0
+                return (x / s).to(fp8), s
+
+            row["fp8_act_quant_eager"] = cuda_ms(quant)
+        except Exception as exc:  # noqa: BLE001
+            row["fp8_error"] = repr(exc)[:300]
+        out[name] = {k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()}
+        out[name]["tflops"] = {k2: round(flop / v / 1e9, 1) for k2, v in row.items()
+                               if isinstance(v, float) and "quant" not in k2}
+        print("gemm", name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def build():
+    from worldplay.models import random_models, random_text_states
+
+    t0 = time.perf_counter()
+    models = random_models("wan5b", 0, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    image = torch.rand(3, 704, 1280, device="cuda", generator=g) * 2 - 1
+    text = random_text_states("wan5b", 0)
+    RESULTS["build_s"] = round(time.perf_counter() - t0, 1)
+    return models, image, text
+
+
+def run_rollout(pipe, image, text, traj, num_chunk, **settings):
+    from worldplay.rollout import RolloutSettings
+
+    rows, latents = [], []
+    t0 = time.perf_counter()
+    for out in pipe.rollout(image, text, traj, RolloutSettings(num_chunk=num_chunk, **settings)):
+        rows.append({k: round(v, 2) for k, v in out.timings_ms.items()})
+        latents.append(out.latents)
+    wall = time.perf_counter() - t0
+    steady = rows[4:]
+    med = lambda key: statistics.median(r.get(key, 0.0) for r in steady)  # noqa: E731
+    steps = statistics.median(sum(r[f"step{i}"] for i in range(4)) for r in steady)
+    return {
+        "settings": settings, "wall_s": round(wall, 1), "chunks": rows,
+        "steady_prefill_ms": med("prefill"), "steady_steps_ms": steps, "steady_dit_ms": med("dit"),
+        "steady_decode_ms": med("decode"), "steady_total_ms": med("dit") + med("decode") + med("select"),
+        "accel": pipe.last_accel_stats.to_dict(),
+    }, latents
+
+
+def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
+    from worldplay.pose import trajectory_from_pose_string
+
+    traj = trajectory_from_pose_string("w-27")
+    out, base = {}, None
+    for v in variants:
+        name = "/".join(f"{k}={val}" for k, val in v.items())
+        try:
+            res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **v)
+            if base is None:
+                base = lat
+            res["latent_rel_err_vs_first"] = [float((a - b).norm() / b.norm()) for a, b in zip(lat, base, strict=True)]
+            out[name] = res
+            print("rollout", name, json.dumps({k: val for k, val in res.items() if k != "chunks"}), flush=True)
+        except Exception as exc:  # noqa: BLE001
+            out[name] = {"error": traceback.format_exc()[-3000:]}
+            print("rollout", name, "FAILED", repr(exc), flush=True)
+        RESULTS["rollouts"] = out
+        save(ARGS.out)
+    return out
+
+
+CATEGORIES = (
+    ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn", "fprop_sm90")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "gmma")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("copies", ("copy", "cat", "elementwise_kernel_manual_unroll", "direct_copy")),
+)
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def section_profile(pipe, image, text, backend: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from worldplay.pose import trajectory_from_pose_string
+    from worldplay.rollout import RolloutSettings
+
+    traj = trajectory_from_pose_string("w-27")
+    settings = RolloutSettings(num_chunk=6, accel="compile", attention_backend=backend, fast_decode=True)
+    gen = pipe.rollout(image, text, traj, settings)
+    for _ in range(5):
+        next(gen)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        chunk = next(gen)
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        rec = kernels.setdefault(evt.name, [0.0, 0])
+        rec[0] += evt.device_time / 1e3
+        rec[1] += 1
+    cats: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        cats[categorise(name)] = cats.get(categorise(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    res = {"chunk_timings_ms": chunk.timings_ms, "categories_ms": {k: round(v, 1) for k, v in cats.items()},
+           "top_kernels": [{"name": n[:160], "ms": round(ms, 2), "calls": c, "category": categorise(n)}
+                           for n, (ms, c) in top]}
+    print("profile", json.dumps(res["categories_ms"]), json.dumps(chunk.timings_ms), flush=True)
+    for row in res["top_kernels"][:25]:
+        print(f"  {row['ms']:9.2f} ms {row['calls']:6d}  {row['category']:28s} {row['name'][:110]}", flush=True)
+    return res
+
+
+def main() -> None:
+    global ARGS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sections", default="attn,gemm,rollouts,profile")
+    ARGS = ap.parse_args()
+    sections = ARGS.sections.split(",")
+    RESULTS["gpu"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    RESULTS["cudnn"] = torch.backends.cudnn.version()
+    fa4 = fa4_available()
+    RESULTS["fa4"] = fa4
+    print("env", json.dumps(RESULTS), flush=True)
+    backends = ["cudnn", "flash"] + (["fa4"] if fa4 else [])
+    if "attn" in sections:
+        RESULTS["attn"] = section_attn(backends)
+        save(ARGS.out)
+    if "gemm" in sections:
+        RESULTS["gemm"] = section_gemm()
+        save(ARGS.out)
+    if "rollouts" in sections or "profile" in sections:
+        from worldplay.rollout import WorldPlayPipeline
+
+        models, image, text = build()
+        pipe = WorldPlayPipeline(models.dit, models.vae, device="cuda")
+        if "rollouts" in sections:
+            variants = [{"attention_backend": "cudnn"}, {"attention_backend": "cudnn", "memory_mode": "reuse"}]
+            if fa4:
+                variants += [{"attention_backend": "fa4"}, {"attention_backend": "fa4", "memory_mode": "reuse"}]
+            section_rollouts(pipe, image, text, variants)
+        if "profile" in sections:
+            try:
+                RESULTS["profile"] = section_profile(pipe, image, text, "cudnn")
+            except Exception:  # noqa: BLE001
+                RESULTS["profile"] = {"error": traceback.format_exc()[-3000:]}
+                print(RESULTS["profile"]["error"], flush=True)
+            save(ARGS.out)
+    save(ARGS.out)
+    print("\nvariant | prefill | 4 steps | DiT | decode | total | replays/captures/recompiles | max latent err")
+    for name, r in RESULTS.get("rollouts", {}).items():
+        if "error" in r:
+            print(name, "| error")
+            continue
+        a = r["accel"]
+        print(f"{name} | {r['steady_prefill_ms']:.1f} | {r['steady_steps_ms']:.1f} | {r['steady_dit_ms']:.1f} | "
+              f"{r['steady_decode_ms']:.1f} | {r['steady_total_ms']:.1f} | {a['replays']}/{a['captures']}/"
+              f"{a['recompiles']} | {max(r['latent_rel_err_vs_first']):.4f}")
+
+
+if __name__ == "__main__":
+    main()
