@@ -54,9 +54,9 @@ def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
 
 def fa4_available() -> str | None:
     try:
-        import flash_attn.cute.interface  # noqa: F401
-
         from importlib.metadata import version
+
+        import flash_attn.cute.interface  # noqa: F401
 
         return version("flash-attn-4")
     except Exception as exc:  # noqa: BLE001
@@ -83,7 +83,9 @@ def section_attn(backends: list[str]) -> dict:
         row = {}
         for be in backends:
             try:
-                fn = lambda be=be: attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=be)  # noqa: E731
+                def fn(be=be, q=q, k=k, v=v):
+                    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=be)
+
                 ms = cuda_ms(fn)
                 o = fn().float()
                 row[be] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1),
@@ -109,32 +111,37 @@ def section_gemm() -> dict:
         "prefill ffn up (14080x3072x14336)": (14080, 3072, 14336),
         "prefill ffn down (14080x14336x3072)": (14080, 14336, 3072),
     }
-    fp8 = torch.float8_e4m3fn
     for name, (m, k, n) in shapes.items():
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        flop = 2 * m * k * n
-        row = {"bf16": cuda_ms(lambda: F.linear(x, w, bias))}
-        try:
-            x8, w8 = x.to(fp8), w.to(fp8)
-            sx = torch.ones(m, 1, device="cuda", dtype=torch.float32)
-            sw = torch.ones(1, n, device="cuda", dtype=torch.float32)
-            row["fp8_rowwise"] = cuda_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, bias=bias,
-                                                                  out_dtype=torch.bfloat16))
-
-            def quant():  # dynamic per-row activation quantisation, as a fast mode would do it
-                s = x.abs().amax(-1, keepdim=True).float() / 448.0
-                return (x / s).to(fp8), s
-
-            row["fp8_act_quant_eager"] = cuda_ms(quant)
-        except Exception as exc:  # noqa: BLE001
-            row["fp8_error"] = repr(exc)[:300]
-        out[name] = {k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()}
-        out[name]["tflops"] = {k2: round(flop / v / 1e9, 1) for k2, v in row.items()
-                               if isinstance(v, float) and "quant" not in k2}
+        out[name] = _gemm_row(m, k, n)
         print("gemm", name, json.dumps(out[name]), flush=True)
     return out
+
+
+def _gemm_row(m: int, k: int, n: int) -> dict:
+    fp8 = torch.float8_e4m3fn
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    flop = 2 * m * k * n
+    row = {"bf16": cuda_ms(lambda: F.linear(x, w, bias))}
+    try:
+        x8, w8 = x.to(fp8), w.to(fp8)
+        sx = torch.ones(m, 1, device="cuda", dtype=torch.float32)
+        sw = torch.ones(1, n, device="cuda", dtype=torch.float32)
+        row["fp8_rowwise"] = cuda_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, bias=bias,
+                                                              out_dtype=torch.bfloat16))
+
+        def quant():  # dynamic per-row activation quantisation, as a fast mode would do it
+            s = x.abs().amax(-1, keepdim=True).float() / 448.0
+            return (x / s).to(fp8), s
+
+        row["fp8_act_quant_eager"] = cuda_ms(quant)
+    except Exception as exc:  # noqa: BLE001
+        row["fp8_error"] = repr(exc)[:300]
+    res = {k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()}
+    res["tflops"] = {k2: round(flop / v / 1e9, 1) for k2, v in row.items()
+                     if isinstance(v, float) and "quant" not in k2}
+    return res
 
 
 def build():
