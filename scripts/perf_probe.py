@@ -274,11 +274,6 @@ def main() -> None:
 
         models, image, text = build()
         pipe = WorldPlayPipeline(models.dit, models.vae, device="cuda")
-        if "rollouts" in sections:
-            variants = [{"attention_backend": "cudnn"}, {"attention_backend": "cudnn", "memory_mode": "reuse"}]
-            if fa4:
-                variants += [{"attention_backend": "fa4"}, {"attention_backend": "fa4", "memory_mode": "reuse"}]
-            section_rollouts(pipe, image, text, variants)
         if "profile" in sections:
             try:
                 RESULTS["profile"] = section_profile(pipe, image, text, "cudnn")
@@ -286,6 +281,11 @@ def main() -> None:
                 RESULTS["profile"] = {"error": traceback.format_exc()[-3000:]}
                 print(RESULTS["profile"]["error"], flush=True)
             save(ARGS.out)
+        if "rollouts" in sections:
+            variants = [{"attention_backend": "cudnn"}, {"attention_backend": "cudnn", "memory_mode": "reuse"}]
+            if fa4:
+                variants += [{"attention_backend": "fa4"}, {"attention_backend": "fa4", "memory_mode": "reuse"}]
+            section_rollouts(pipe, image, text, variants)
     save(ARGS.out)
     print("\nvariant | prefill | 4 steps | DiT | decode | total | replays/captures/recompiles | max latent err")
     for name, r in RESULTS.get("rollouts", {}).items():
