@@ -143,3 +143,17 @@ def test_config_from_real_style_json_rejects_unknown_keys(tmp_path):
     assert DiTConfig.from_dict(json.loads(json.dumps(good))) == DIT_PRESETS["wan5b"]
     with pytest.raises(ValueError, match="unknown config keys.*'num_layerz'"):
         DiTConfig.from_dict(good | {"num_layerz": 3})
+
+
+def test_rotate_temporal_equals_full_rope_rotation_by_temporal_tables():
+    """The reuse mode's key re-rotation touches only the temporal features; rotating the others
+    by angle 0 (what apply_rope with the same tables does) changes nothing, bit for bit."""
+    from worldplay.nn.rope import apply_rope, rotate_temporal, temporal_rotation_tables
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3 * 5, 4, 128, generator=g).to(torch.bfloat16)
+    cos, sin = temporal_rotation_tables(torch.tensor([-4.0, 2.0, 0.0], dtype=torch.float64), 5, 128)
+    full = apply_rope(x, cos, sin)
+    part = rotate_temporal(x.clone(), cos, sin)
+    assert torch.equal(full, part)
+    assert not torch.equal(part, x)  # the temporal features did move

@@ -41,7 +41,7 @@ from .memory import (
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
 from .nn.attention import check_backend
 from .nn.dit import WanDiT
-from .nn.rope import apply_rope, temporal_rotation_tables
+from .nn.rope import rotate_temporal, temporal_rotation_tables
 from .pose import Trajectory
 from .sampler import distilled_schedule, euler_step
 
@@ -241,7 +241,7 @@ class WorldPlayPipeline:
                 n_mem = idx.numel()
                 timer.mark("select")
                 if settings.memory_mode == "reuse" and reuse.frames:
-                    self._update_reused_memory(reuse, selection.indices, history, text, kv, runner, lh, lw)
+                    self._update_reused_memory(reuse, selection.indices, history, text, kv, runner, lh, lw, timer)
                 else:
                     mem_latents = history.gather_memory(idx)
                     runner.prefill(
@@ -282,14 +282,14 @@ class WorldPlayPipeline:
             timer.mark("decode")
             frames = frames_dev.cpu()
             timings = timer.read()
-            timings["dit"] = sum(v for k, v in timings.items() if k == "prefill" or k.startswith("step"))
+            timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
             yield ChunkOutput(
                 index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
             )
         runner.finish()
 
     def _update_reused_memory(self, reuse: ReuseState, selected: list[int], history: LatentHistory, text,
-                              kv: MemoryKV, runner: DiTRunner, lh: int, lw: int) -> None:
+                              kv: MemoryKV, runner: DiTRunner, lh: int, lw: int, timer=None) -> None:
         """``reuse`` mode: keep the K/V of frames that stay selected, re-rotated to their new
         rank, in the first slots of the valid block; compute only the newly selected frames
         (at t = 14, attending to the whole selection, like a prefill) into the slots after them."""
@@ -311,12 +311,15 @@ class WorldPlayPipeline:
             cos, sin = cos.to(dev), sin.to(dev)
             dst = slice(base * tokens, (base + len(reused)) * tokens)
             batch = kv.k.shape[1] // 2  # rows [0, B): RoPE branch; [B, 2B): PRoPE branch (position-free)
-            for layer in range(cfg.num_layers):
-                k = kv.k[layer].index_select(1, src)
-                v = kv.v[layer].index_select(1, src)
-                k[:batch] = apply_rope(k[:batch], cos, sin)
-                kv.k[layer][:, dst].copy_(k)
-                kv.v[layer][:, dst].copy_(v)
+            group = 6  # layers per gather: bounds the temporary copy (~0.8 GB at 704x1280)
+            for l0 in range(0, cfg.num_layers, group):
+                layers = slice(l0, min(l0 + group, cfg.num_layers))
+                k = kv.k[layers].index_select(2, src)
+                rotate_temporal(k[:, :batch], cos, sin)
+                kv.k[layers, :, dst] = k
+                kv.v[layers, :, dst] = kv.v[layers].index_select(2, src)
+            if timer is not None:
+                timer.mark("kv_move")
         if missing:
             idx = torch.tensor(missing, device=dev)
             positions = torch.tensor([rank[f] for f in missing], dtype=torch.float64)

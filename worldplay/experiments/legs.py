@@ -47,13 +47,18 @@ def fastest_settings(device_type: str) -> dict[str, Any]:
     """The fastest known native ``RolloutSettings`` overrides: the one place the
     ``native-fastest`` leg is defined (the performance work updates it here).
 
-    On CUDA: cuDNN attention, compiled blocks, the steady-state prefill and steps as CUDA-graph
-    replays, and the channels-last compiled VAE decoder (notes/perf.md has the measurements).
+    On CUDA: FlashAttention-4 (the optional ``flash-attn-4`` package, 8-12 % faster than cuDNN on
+    the H100 for these shapes) where it imports, else cuDNN attention; compiled blocks, the
+    steady-state prefill and steps as CUDA-graph replays, and the channels-last compiled VAE
+    decoder (notes/perf.md has the measurements). The result records the backend used.
     On the CPU cuDNN attention and CUDA graphs do not exist; the dispatcher's choice (``sdpa``)
     stands in, eagerly, and the result says so.
     """
     if device_type == "cuda":
-        return {"attention_backend": "cudnn", "accel": "compile+graphs", "fast_decode": True}
+        from ..nn.attention import fa4_usable
+
+        backend = "fa4" if fa4_usable() else "cudnn"
+        return {"attention_backend": backend, "accel": "compile+graphs", "fast_decode": True}
     return {"attention_backend": "sdpa"}
 
 

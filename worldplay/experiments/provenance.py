@@ -93,6 +93,9 @@ def environment(device: str) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "env": selected_env(),
     }
+    from ..nn.attention import fa4_version
+
+    env["flash_attn_4"] = fa4_version()  # None where the optional package is absent
     try:
         import numpy
 

@@ -46,7 +46,7 @@ PRESET_RESOLUTION = {"wan5b": (704, 1280), "tiny": (64, 96)}
 DEVICES = ("cuda", "cpu")
 # Names of worldplay.nn.attention.BACKENDS (kept here so that this module needs no torch; a test
 # checks that both lists agree).
-ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math")
+ATTENTION_BACKENDS = ("sdpa", "fa4", "cudnn", "flash", "efficient", "math")
 OFFICIAL_NOISE_LATENTS = 241  # worldplay.rollout.OFFICIAL_NOISE_LATENTS
 CHUNK_LATENTS = 4
 SPATIAL_MULTIPLE = 32  # VAE stride 16 x DiT patch 2
@@ -424,8 +424,8 @@ def _check_combinations(cfg: ExperimentConfig, input_ids: Mapping[str, str] | No
                              f"results stay apart from GPU results; '{cfg.name}' has device '{cfg.device}'")
     if cfg.noise_latents < need:
         raise _Bad("noise_latents", f"{cfg.noise_latents} < the {need} latents of {cfg.num_chunk} chunks")
-    if cfg.attention_backend == "cudnn" and cfg.device == "cpu":
-        raise _Bad("attention_backend", "'cudnn' attention runs only on CUDA")
+    if cfg.attention_backend in ("cudnn", "fa4") and cfg.device == "cpu":
+        raise _Bad("attention_backend", f"'{cfg.attention_backend}' attention runs only on CUDA")
     legs = getattr(cfg, "legs", None)
     if legs and OFFICIAL_LEG in legs and (cfg.preset != "wan5b" or cfg.device != "cuda"):
         raise _Bad("legs", "the official leg runs only the real architecture on a GPU "

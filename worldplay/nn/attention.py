@@ -25,6 +25,27 @@ BACKENDS: dict[str, tuple[SDPBackend, ...] | None] = {
 }
 
 
+def fa4_version() -> str | None:
+    """The installed flash-attn-4 version, or None (the package is optional)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:
+        return None
+
+
+def fa4_usable() -> bool:
+    """flash-attn-4 imports and the current GPU is one it has kernels for (Hopper, Blackwell)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10, 11):
+        return False
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return True
+
+
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")

@@ -80,3 +80,16 @@ def temporal_rotation_tables(
     zeros = torch.zeros(ang_t.shape[0], (h_dim + w_dim) // 2, dtype=ang_t.dtype, device=ang_t.device)
     angles = torch.cat([ang_t, zeros], dim=-1).repeat_interleave(tokens_per_frame, dim=0)
     return angles.cos().float(), angles.sin().float()
+
+
+def rotate_temporal(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with tables from :func:`temporal_rotation_tables`, touching only the
+    temporal features (the others would be rotated by angle 0, which is exact): ``x [..., L, H, d]``,
+    tables ``[L, t_dim/2]`` or ``[L, d/2]``; rotated in place and returned."""
+    t_half = rope_axis_dims(x.shape[-1])[0] // 2
+    c = cos[..., :t_half][:, None, :]
+    s = sin[..., :t_half][:, None, :]
+    pairs = x[..., : 2 * t_half].float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    x[..., : 2 * t_half] = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
+    return x
