@@ -171,7 +171,7 @@ def run_rollout(pipe, image, text, traj, num_chunk, **settings):
     return {
         "settings": settings, "wall_s": round(wall, 1), "chunks": rows,
         "steady_prefill_ms": med("prefill"), "steady_steps_ms": steps, "steady_dit_ms": med("dit"),
-        "steady_decode_ms": med("decode"), "steady_total_ms": med("dit") + med("decode") + med("select"),
+        "steady_decode_ms": med("decode"), "steady_kv_move_ms": med("kv_move"), "steady_total_ms": med("dit") + med("decode") + med("select"),
         "accel": pipe.last_accel_stats.to_dict(),
     }, latents
 
@@ -183,6 +183,10 @@ def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
     out, base = {}, None
     for v in variants:
         name = "/".join(f"{k}={val}" for k, val in v.items())
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
         try:
             res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **v)
             if base is None:
@@ -229,6 +233,7 @@ def section_profile(pipe, image, text, backend: str) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         chunk = next(gen)
         torch.cuda.synchronize()
+    gen.close()  # frees the rollout's buffers before the next section
     kernels: dict[str, list] = {}
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -254,6 +259,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sections", default="attn,gemm,rollouts,profile")
+    ap.add_argument("--profile-backend", default="cudnn")
     ARGS = ap.parse_args()
     sections = ARGS.sections.split(",")
     RESULTS["gpu"] = torch.cuda.get_device_name()
@@ -276,15 +282,17 @@ def main() -> None:
         pipe = WorldPlayPipeline(models.dit, models.vae, device="cuda")
         if "profile" in sections:
             try:
-                RESULTS["profile"] = section_profile(pipe, image, text, "cudnn")
+                RESULTS["profile"] = section_profile(pipe, image, text, ARGS.profile_backend)
             except Exception:  # noqa: BLE001
                 RESULTS["profile"] = {"error": traceback.format_exc()[-3000:]}
                 print(RESULTS["profile"]["error"], flush=True)
             save(ARGS.out)
         if "rollouts" in sections:
-            variants = [{"attention_backend": "cudnn"}, {"attention_backend": "cudnn", "memory_mode": "reuse"}]
+            variants = [{"attention_backend": "cudnn"}]
             if fa4:
                 variants += [{"attention_backend": "fa4"}, {"attention_backend": "fa4", "memory_mode": "reuse"}]
+            else:
+                variants += [{"attention_backend": "cudnn", "memory_mode": "reuse"}]
             section_rollouts(pipe, image, text, variants)
     save(ARGS.out)
     print("\nvariant | prefill | 4 steps | DiT | decode | total | replays/captures/recompiles | max latent err")

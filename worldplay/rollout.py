@@ -69,6 +69,9 @@ class RolloutSettings:
     official_rope_tables: bool = True
     accel: str = "eager"  # see worldplay.accel: eager, compile, graphs, compile+graphs
     fast_decode: bool = False  # channels-last + compiled VAE decoder (WanVAE.enable_fast_decode)
+    # False: no VAE decode here (frames come back empty); the clean latents are handed on in
+    # ChunkOutput.device_latents, e.g. to a decoder on another GPU (worldplay.pipelined).
+    decode: bool = True
 
     def __post_init__(self) -> None:
         if self.num_chunk < 1:
@@ -94,6 +97,7 @@ class ChunkOutput:
     latents: torch.Tensor  # clean normalised latents [1, C, 4, h, w] (float32, CPU)
     memory: MemorySelection | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    device_latents: torch.Tensor | None = None  # the clean latents in the model dtype, on the device
 
 
 class StageTimer:
@@ -204,7 +208,8 @@ class WorldPlayPipeline:
         kv = MemoryKV(dit.config.num_layers, 1, 2, tokens_per_frame, dit.config.num_attention_heads,
                       dit.config.attention_head_dim, device=dev, dtype=dtype)
         text = dit.text_context(text_states.to(dev, dtype))
-        decode_state = self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
+        decode_state = (self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
+                        if settings.decode else None)
         timesteps, sigmas = distilled_schedule()
         timer = StageTimer(dev)
         runner = DiTRunner(dit, settings.accel, settings.attention_backend)
@@ -272,6 +277,13 @@ class WorldPlayPipeline:
                     x = stepped
                 timer.mark(f"step{step}")
             history.latents[:, :, frames_idx] = x
+            if not settings.decode:
+                frames = torch.empty(0, height, width, 3, dtype=torch.uint8)
+                timings = timer.read()
+                timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
+                yield ChunkOutput(index=chunk, frames=frames, latents=x.float().cpu(), memory=selection,
+                                  timings_ms=timings, device_latents=x)
+                continue
             if self.dtype == torch.float32:
                 # A float32 reference decodes latent by latent (the same frames, see the VAE
                 # tests) to keep the decoder's transient memory to a quarter.
@@ -285,6 +297,7 @@ class WorldPlayPipeline:
             timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
             yield ChunkOutput(
                 index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
+                device_latents=x,
             )
         runner.finish()
 

@@ -108,6 +108,10 @@ def native_leg(name: str, device_type: str) -> NativeLeg:
         return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), "memory_mode": "reuse"})
     if name == "native-compiled":
         return NativeLeg(name, torch.bfloat16, {"accel": "compile"})
+    if name == "native-2gpu":
+        return NativeLeg(name, torch.bfloat16, fastest_settings(device_type))
+    if name == "native-2gpu-reuse":
+        return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), "memory_mode": "reuse"})
     raise ValueError(f"{name!r} is not a native leg")
 
 
@@ -239,7 +243,7 @@ def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, 
         steps = sum(v for k, v in t.items() if k.startswith("step"))
         t["steps"] = steps
         t.setdefault("prefill", 0.0)
-        t["dit"] = t["prefill"] + steps
+        t["dit"] = t["prefill"] + t.get("kv_move", 0.0) + steps  # kv_move: reuse mode only
         t["total"] = t["dit"] + t["decode"]
         yield LegChunk(
             index=out.index,
@@ -251,6 +255,38 @@ def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, 
         )
     if accel_out is not None:
         accel_out.update(pipe.last_accel_stats.to_dict())
+
+
+def _build_for_pipeline(weights: WeightsSpec, preset: str, device: torch.device) -> LoadedModels:
+    return load_models(weights, preset, device)
+
+
+def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: ExperimentConfig, image_path: Path,
+                             text: torch.Tensor, trajectory: Trajectory, *, accel_out: dict | None = None
+                             ) -> Iterator[LegChunk]:
+    """A native leg over two GPUs (worldplay.pipelined): each process loads ``weights`` itself.
+    Stage names as :func:`native_rollout`, plus ``interval`` (time between consecutive chunks'
+    frames reaching the host); ``total`` is that interval, the pipelined time per chunk."""
+    import functools
+
+    from ..media import load_image
+    from ..pipelined import pipelined_rollout
+
+    height, width = cfg.resolution
+    image = load_image(image_path, width, height)
+    build = functools.partial(_build_for_pipeline, weights, cfg.preset)
+    chunks, accel = pipelined_rollout(build, image, text, trajectory, leg.settings(cfg), keep_frames=False)
+    for out in chunks:
+        t = dict(out.timings_ms)
+        steps = sum(v for k, v in t.items() if k.startswith("step"))
+        t["steps"] = steps
+        t.setdefault("prefill", 0.0)
+        t["dit"] = t["prefill"] + t.get("kv_move", 0.0) + steps
+        t["total"] = t.get("interval", t["dit"] + t["decode"])
+        yield LegChunk(index=out.index, frames=np.zeros((0, height, width, 3), np.uint8), latents=out.latents,
+                       timings_ms=t, memory_indices=out.memory_indices)
+    if accel_out is not None:
+        accel_out.update(accel)
 
 
 # ---------------------------------------------------------------------------------------------

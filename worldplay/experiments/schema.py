@@ -52,8 +52,10 @@ CHUNK_LATENTS = 4
 SPATIAL_MULTIPLE = 32  # VAE stride 16 x DiT patch 2
 
 NATIVE_LEGS = ("native-eager", "native-fastest", "native-float32", "native-compiled", "native-reuse")
+# Bench only: DiT on GPU 0 and VAE decode on GPU 1, pipelined across chunks (worldplay.pipelined).
+PIPELINED_LEGS = ("native-2gpu", "native-2gpu-reuse")
 OFFICIAL_LEG = "official"
-LEGS = (*NATIVE_LEGS, OFFICIAL_LEG)
+LEGS = (*NATIVE_LEGS, *PIPELINED_LEGS, OFFICIAL_LEG)
 LEG_HELP = {
     "native-eager": "this package, bf16, eager, the config's attention_backend",
     "native-fastest": "this package with the fastest known settings (worldplay.experiments.legs.fastest_settings)",
@@ -61,6 +63,9 @@ LEG_HELP = {
     "native-compiled": "this package, bf16, torch.compile'd DiT blocks (RolloutSettings.accel='compile')",
     "native-reuse": "the fastest settings with memory_mode='reuse' (a fast approximation: memory K/V kept "
     "across chunks instead of re-prefilled)",
+    "native-2gpu": "the fastest settings over two GPUs: DiT on GPU 0, VAE decode of the previous chunk on GPU 1 "
+    "(bench only; its total is the pipelined time per chunk)",
+    "native-2gpu-reuse": "native-2gpu with memory_mode='reuse'",
     "official": "the official HY-WorldPlay code (needs --official PATH or WORLDPLAY_OFFICIAL)",
 }
 PARITY_FLOORS = ("repeat", "compile-toggle", "none")
@@ -427,6 +432,11 @@ def _check_combinations(cfg: ExperimentConfig, input_ids: Mapping[str, str] | No
     if cfg.attention_backend in ("cudnn", "fa4") and cfg.device == "cpu":
         raise _Bad("attention_backend", f"'{cfg.attention_backend}' attention runs only on CUDA")
     legs = getattr(cfg, "legs", None)
+    pipelined = sorted(set(legs or ()) & set(PIPELINED_LEGS))
+    if pipelined and cfg.kind != "bench":
+        raise _Bad("legs", f"{pipelined} run only in a bench; a {cfg.kind} takes {list(NATIVE_LEGS)} or 'official'")
+    if pipelined and cfg.device != "cuda":
+        raise _Bad("legs", f"{pipelined} need two CUDA GPUs (device = \"cuda\")")
     if legs and OFFICIAL_LEG in legs and (cfg.preset != "wan5b" or cfg.device != "cuda"):
         raise _Bad("legs", "the official leg runs only the real architecture on a GPU "
                            "(preset 'wan5b', device 'cuda')")

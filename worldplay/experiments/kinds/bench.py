@@ -25,12 +25,13 @@ from ..legs import (
     native_leg,
     native_rollout,
     peak_memory,
+    pipelined_native_rollout,
     prepare_image,
     prompt_for,
     text_states,
     trajectory_for,
 )
-from ..schema import OFFICIAL_LEG, BenchConfig
+from ..schema import OFFICIAL_LEG, PIPELINED_LEGS, BenchConfig
 from ..stats import summarize
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,12 @@ def run(ctx: RunContext) -> KindOutput:
     legs: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {"image": image_identity, "text": {**text_identity, "prompt_source": prompt_source},
                                   "trajectory": trajectory.source}
-    native = [name for name in cfg.legs if name != OFFICIAL_LEG]
+    native = [name for name in cfg.legs if name != OFFICIAL_LEG and name not in PIPELINED_LEGS]
+    pipelined = [name for name in cfg.legs if name in PIPELINED_LEGS]
     models = None
     if native or OFFICIAL_LEG in cfg.legs:
         models = load_models(cfg.weights, cfg.preset, ctx.device, provenance)
-    for name in native:
+    for name in native + pipelined:
         legs[name] = {"status": "ok", "kind": "native", "settings": native_leg(name, ctx.device.type).describe(cfg),
                       "peak_memory": {}, "rollout_wall_s": []}
     for rep in range(cfg.repetitions):
@@ -75,17 +77,30 @@ def run(ctx: RunContext) -> KindOutput:
             legs[name]["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
             _merge_peak(legs[name]["peak_memory"], peak)
 
+    official_weights = None
+    if OFFICIAL_LEG in cfg.legs and not ctx.skip_official:
+        from .. import official_leg
+
+        official_weights = official_leg.weights_dir(models, cfg, ctx.scratch)
+    # The two-GPU legs load their own models in their own processes: free this one's first.
+    models = None
+    _free(ctx.device)
+    for rep in range(cfg.repetitions):
+        for name in pipelined:
+            t0 = time.perf_counter()
+            accel = {}
+            for chunk in pipelined_native_rollout(cfg.weights, native_leg(name, ctx.device.type), cfg, image_path,
+                                                  text, trajectory, accel_out=accel):
+                timings[name].append((rep, _light(chunk)))
+            legs[name].setdefault("accel", []).append(accel)
+            legs[name]["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
+            legs[name]["devices"] = ["cuda:0 (DiT)", "cuda:1 (VAE decode)"]
     if OFFICIAL_LEG in cfg.legs:
         if ctx.skip_official:
             legs[OFFICIAL_LEG] = {"status": "skipped", "reason": "--skip-official: no official checkout on this run"}
         else:
-            from .. import official_leg
-
-            weights = official_leg.weights_dir(models, cfg, ctx.scratch)
-            models = None
-            _free(ctx.device)
-            legs[OFFICIAL_LEG] = _run_official(ctx, cfg, weights, image_path, text, trajectory, timings, provenance)
-    models = None
+            legs[OFFICIAL_LEG] = _run_official(ctx, cfg, official_weights, image_path, text, trajectory, timings,
+                                               provenance)
     _free(ctx.device)
 
     rows = []
@@ -104,7 +119,10 @@ def run(ctx: RunContext) -> KindOutput:
                          "definition": "per stage: median, p10, p90 over every steady chunk of every repetition"},
         "stage_definitions": {
             "prefill": "memory K/V prefill forward", "steps": "the 4 denoising forwards",
-            "dit": "prefill + steps", "decode": "VAE decode of the chunk's 4 latents", "total": "dit + decode",
+            "dit": "prefill + steps (+ kv_move in reuse mode)", "decode": "VAE decode of the chunk's 4 latents",
+            "total": "dit + decode; two-GPU legs: the interval", "kv_move": "reuse mode: moving and re-rotating "
+            "the kept memory K/V", "interval": "two-GPU legs: time between consecutive chunks' frames reaching "
+            "the host (the pipelined time per chunk)",
             "select": "native memory-frame selection (not in total)",
             "dit_call": "official: the whole pipeline call (selection, host work, prefill, steps)",
         },
