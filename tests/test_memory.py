@@ -177,3 +177,22 @@ def test_compiled_prope_transform_equals_matmul():
     eager = apply_per_frame(x, m)
     compiled = torch.compile(apply_per_frame, dynamic=False)(x, m)
     assert rel_err(compiled, eager) <= 1e-6
+
+
+def test_reuse_plan_keeps_slots_and_fills_vacated_ones():
+    from worldplay.memory import MEMORY_SLOTS, ReuseState
+
+    state = ReuseState()
+    state.reset([0, 1, 2, 3, 4, 5, 6, 7], MEMORY_SLOTS)  # right-aligned: slots 8..15
+    assert state.slot == {f: 8 + f for f in range(8)}
+    # Growth: 12 frames; the old 8 keep their slots, the 4 new take the slots left of them.
+    kept, missing = state.plan(list(range(12)), MEMORY_SLOTS)
+    assert kept == {f: 8 + f for f in range(8)} and missing == [(8, 4), (9, 5), (10, 6), (11, 7)]
+    state.commit(list(range(12)), kept, missing)
+    assert state.positions[8] == 8 and state.positions[0] == 0
+    # Steady: frames 0-3 leave, 12-15 arrive in the slots 0-3 vacated (slots 8..11).
+    sel = list(range(4, 16))
+    kept, missing = state.plan(sel, MEMORY_SLOTS)
+    state.commit(sel, kept, missing)
+    assert [s for _, s in missing] == [8, 9, 10, 11] and state.slot[12] == 8
+    assert state.positions[4] == 0  # its keys must move from position 4 to 0

@@ -132,16 +132,17 @@ class DiTRunner:
         self.stats.replays += 1
         return out
 
-    def partial_prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, write: slice,
-                        rope, **cams) -> None:
-        """``reuse`` memory mode: K/V of newly selected memory frames only, attending to the
-        whole selection. The common steady case (16 memory frames, the previous chunk's 4 new)
-        has constant shapes and slots, so it is compiled and captured like a full prefill; the
-        RoPE tables (the new frames' ranks) are a static input of that graph."""
+    def partial_prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int,
+                        write: torch.Tensor, rope, **cams) -> None:
+        """``reuse`` memory mode: K/V of newly selected memory frames only, written at the token
+        indices ``write`` and attending to the whole selection. The common steady case (16
+        memory frames, the previous chunk's 4 new) has constant shapes, so it is compiled and
+        captured like a full prefill; the write indices and the RoPE tables (the new frames'
+        ranks) are static inputs of that graph."""
         n_new = latents.shape[2]
         common = n_mem == MEMORY_SLOTS and n_new == CHUNK_LATENTS
 
-        def run(lat=latents, t=timesteps, rope=rope, cams=cams):
+        def run(lat=latents, t=timesteps, rope=rope, write=write, cams=cams):
             self.dit(lat, t, text, rope=rope, kv_buffers=kv, write=write, read=kv.memory_tokens(n_mem),
                      prefill=True, attention_backend=self.backend,
                      block_fn=self._block_fn(n_mem) if common else self._eager(), **cams)
@@ -149,15 +150,14 @@ class DiTRunner:
         if not (common and self._use_graphs(latents.device, n_mem)):
             run()
             return
-        key = f"partial{write.start}"
-        graph = self._graphs.get(key)
+        graph = self._graphs.get("partial")
         if graph is None:
             statics = {"latents": latents.clone(), "timesteps": timesteps.clone(), "cos": rope[0].clone(),
-                       "sin": rope[1].clone(), **{k: v.clone() for k, v in cams.items()}}
-            graph = self._capture(key, lambda: run(
-                statics["latents"], statics["timesteps"], (statics["cos"], statics["sin"]),
+                       "sin": rope[1].clone(), "write": write.clone(), **{k: v.clone() for k, v in cams.items()}}
+            graph = self._capture("partial", lambda: run(
+                statics["latents"], statics["timesteps"], (statics["cos"], statics["sin"]), statics["write"],
                 {k: statics[k] for k in cams}), statics)
-        graph(latents=latents, timesteps=timesteps, cos=rope[0], sin=rope[1], **cams)
+        graph(latents=latents, timesteps=timesteps, cos=rope[0], sin=rope[1], write=write, **cams)
         self.stats.replays += 1
 
     def _eager(self):

@@ -148,19 +148,36 @@ class LatentHistory:
 
 
 class ReuseState:
-    """Bookkeeping of the ``reuse`` memory mode: which latent frame each physical memory slot
-    holds and at which temporal RoPE position its keys were rotated.
+    """Bookkeeping of the ``reuse`` memory mode: which physical memory slot holds each latent
+    frame and at which temporal RoPE position its keys are currently rotated.
 
-    Physical slot order does not matter to attention (keys are permutation-invariant once
-    rotated at the right position); only the rotation position must equal the frame's rank in
-    the current selection.
+    Frames stay in their slots for as long as they are selected: attention does not care about
+    slot order (keys are permutation-invariant once rotated at the right position), so only the
+    RoPE-branch keys of kept frames are re-rotated in place when their rank changes, and a newly
+    selected frame takes the slot of a frame that left the selection.
     """
 
     def __init__(self) -> None:
-        self.frames: list[int] = []  # frame of each valid slot, left to right (right-aligned block)
-        self.positions: dict[int, int] = {}
+        self.slot: dict[int, int] = {}  # frame -> physical memory slot
+        self.positions: dict[int, int] = {}  # frame -> temporal position its keys carry
 
-    def plan(self, selected: list[int]) -> tuple[list[int], list[int]]:
-        """(reused, missing) frames of a new selection, each in ascending order."""
-        held = set(self.frames)
-        return [f for f in selected if f in held], [f for f in selected if f not in held]
+    def reset(self, selected: list[int], memory_slots: int) -> None:
+        """After a full prefill of ``selected`` into the right-aligned block (rank order)."""
+        base = memory_slots - len(selected)
+        self.slot = {f: base + i for i, f in enumerate(selected)}
+        self.positions = {f: i for i, f in enumerate(selected)}
+
+    def plan(self, selected: list[int], memory_slots: int) -> tuple[dict[int, int], list[tuple[int, int]]]:
+        """For a new selection: ``kept`` (frame -> slot, for frames already held in the new
+        valid block) and ``missing`` [(frame, slot)] (frames to compute, each given a free slot
+        of the block; both in ascending order)."""
+        block = range(memory_slots - len(selected), memory_slots)
+        kept = {f: self.slot[f] for f in selected if f in self.slot and self.slot[f] in block}
+        used = set(kept.values())
+        free = [s for s in block if s not in used]
+        new = [f for f in selected if f not in kept]
+        return kept, list(zip(new, free, strict=True))
+
+    def commit(self, selected: list[int], kept: dict[int, int], missing: list[tuple[int, int]]) -> None:
+        self.slot = {**kept, **dict(missing)}
+        self.positions = {f: i for i, f in enumerate(selected)}

@@ -245,7 +245,7 @@ class WorldPlayPipeline:
                 idx = torch.tensor(selection.indices, device=dev)
                 n_mem = idx.numel()
                 timer.mark("select")
-                if settings.memory_mode == "reuse" and reuse.frames:
+                if settings.memory_mode == "reuse" and reuse.slot:
                     self._update_reused_memory(reuse, selection.indices, history, text, kv, runner, lh, lw, timer)
                 else:
                     mem_latents = history.gather_memory(idx)
@@ -254,8 +254,7 @@ class WorldPlayPipeline:
                         rope_tables(n_mem)[0], actions=history.actions[idx][None],
                         viewmats=history.viewmats[idx][None], intrinsics=history.intrinsics[idx][None],
                     )
-                    reuse.frames = list(selection.indices)
-                    reuse.positions = {f: i for i, f in enumerate(selection.indices)}
+                    reuse.reset(list(selection.indices), MEMORY_SLOTS)
                 timer.mark("prefill")
             master = noise[:, :, frames_idx].clone()
             if chunk == 0:
@@ -303,45 +302,41 @@ class WorldPlayPipeline:
 
     def _update_reused_memory(self, reuse: ReuseState, selected: list[int], history: LatentHistory, text,
                               kv: MemoryKV, runner: DiTRunner, lh: int, lw: int, timer=None) -> None:
-        """``reuse`` mode: keep the K/V of frames that stay selected, re-rotated to their new
-        rank, in the first slots of the valid block; compute only the newly selected frames
-        (at t = 14, attending to the whole selection, like a prefill) into the slots after them."""
+        """``reuse`` mode: frames that stay selected keep their slots and K/V; the RoPE-branch
+        keys of those whose rank changed are re-rotated in place (temporal features only); the
+        newly selected frames are computed (at t = 14, attending to the whole selection, like a
+        prefill) into the slots that frames leaving the selection vacated. Nothing is moved."""
         dit, dev = self.dit, self.device
         cfg = dit.config
         tokens = kv.tokens_per_frame
         n = len(selected)
         rank = {f: i for i, f in enumerate(selected)}
-        reused, missing = reuse.plan(selected)
+        kept, missing = reuse.plan(selected, MEMORY_SLOTS)
         base = MEMORY_SLOTS - n
-        if reused:
-            first_old = MEMORY_SLOTS - len(reuse.frames)
-            old_slot = {f: first_old + i for i, f in enumerate(reuse.frames)}
-            src = torch.cat([torch.arange(old_slot[f] * tokens, (old_slot[f] + 1) * tokens) for f in reused]).to(dev)
-            deltas = torch.tensor([rank[f] - reuse.positions[f] for f in reused], dtype=torch.float64)
+        deltas = torch.zeros(n, dtype=torch.float64)  # per slot of the valid block
+        for f, slot in kept.items():
+            deltas[slot - base] = rank[f] - reuse.positions[f]
+        if deltas.any():
             cos, sin = temporal_rotation_tables(deltas, tokens, cfg.attention_head_dim)
             if dit.rope_table_dtype is not None:
                 cos, sin = cos.to(dit.rope_table_dtype).float(), sin.to(dit.rope_table_dtype).float()
             cos, sin = cos.to(dev), sin.to(dev)
-            dst = slice(base * tokens, (base + len(reused)) * tokens)
             batch = kv.k.shape[1] // 2  # rows [0, B): RoPE branch; [B, 2B): PRoPE branch (position-free)
-            group = 6  # layers per gather: bounds the temporary copy (~0.8 GB at 704x1280)
+            block = kv.memory_tokens(n)
+            group = 6  # layers per pass: bounds the float32 temporaries (~1.5 GB at 704x1280)
             for l0 in range(0, cfg.num_layers, group):
-                layers = slice(l0, min(l0 + group, cfg.num_layers))
-                k = kv.k[layers].index_select(2, src)
-                rotate_temporal(k[:, :batch], cos, sin)
-                kv.k[layers, :, dst] = k
-                kv.v[layers, :, dst] = kv.v[layers].index_select(2, src)
-            if timer is not None:
-                timer.mark("kv_move")
+                rotate_temporal(kv.k[l0 : l0 + group, :batch, block], cos, sin)
+        if timer is not None:
+            timer.mark("kv_move")
         if missing:
-            idx = torch.tensor(missing, device=dev)
-            positions = torch.tensor([rank[f] for f in missing], dtype=torch.float64)
+            frames = [f for f, _ in missing]
+            idx = torch.tensor(frames, device=dev)
+            write = torch.cat([torch.arange(s * tokens, (s + 1) * tokens) for _, s in missing]).to(dev)
+            positions = torch.tensor([rank[f] for f in frames], dtype=torch.float64)
             runner.partial_prefill(
-                history.latents.index_select(2, idx), torch.full((1, len(missing)), CONTEXT_TIMESTEP, device=dev),
-                text, kv, n, slice((base + len(reused)) * tokens, MEMORY_SLOTS * tokens),
-                dit.rope_for(positions, len(missing), lh, lw, dev),
+                history.latents.index_select(2, idx), torch.full((1, len(frames)), CONTEXT_TIMESTEP, device=dev),
+                text, kv, n, write, dit.rope_for(positions, len(frames), lh, lw, dev),
                 actions=history.actions[idx][None], viewmats=history.viewmats[idx][None],
                 intrinsics=history.intrinsics[idx][None],
             )
-        reuse.frames = reused + missing
-        reuse.positions = {f: rank[f] for f in selected}
+        reuse.commit(selected, kept, missing)

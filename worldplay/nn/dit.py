@@ -108,21 +108,27 @@ class SelfAttnInputs:
 
     rope: tuple[torch.Tensor, torch.Tensor]
     prope: PRoPE | None = None
-    write: slice | None = None
+    write: slice | torch.Tensor | None = None  # token range, or token indices (LongTensor)
     read: slice | None = None
     mask: torch.Tensor | None = None  # boolean keep-mask [Lq, Lk] (tests and references only)
 
 
-def _store(ks, vs, kv_buffer, write: slice, batch: int) -> None:
-    """Copy each branch's keys/values into its batch rows of the fixed buffers, in place."""
+def _store(ks, vs, kv_buffer, write: slice | torch.Tensor, batch: int) -> None:
+    """Copy each branch's keys/values into its batch rows of the fixed buffers, in place, at
+    the token range ``write`` or at the token indices ``write`` (a LongTensor)."""
     k_buf, v_buf = kv_buffer
     for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
-        k_buf[i * batch : (i + 1) * batch, write].copy_(kb)
-        v_buf[i * batch : (i + 1) * batch, write].copy_(vb)
+        rows = slice(i * batch, (i + 1) * batch)
+        if isinstance(write, torch.Tensor):
+            k_buf[rows].index_copy_(1, write, kb)
+            v_buf[rows].index_copy_(1, write, vb)
+        else:
+            k_buf[rows, write].copy_(kb)
+            v_buf[rows, write].copy_(vb)
 
 
 @torch.compiler.disable
-def _attend_cached(q_all, ks, vs, kv_buffer, write: slice, read: slice, batch: int, backend: str, mask):
+def _attend_cached(q_all, ks, vs, kv_buffer, write, read: slice, batch: int, backend: str, mask):
     """Store this call's K/V in the buffer and attend to its ``read`` tokens, always eagerly.
 
     Inside a compiled graph, inductor turns the in-place slice store into a copy of the whole

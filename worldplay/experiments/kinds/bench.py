@@ -76,6 +76,7 @@ def run(ctx: RunContext) -> KindOutput:
             legs[name].setdefault("accel", []).append(accel)
             legs[name]["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
             _merge_peak(legs[name]["peak_memory"], peak)
+            _free(ctx.device)  # the next leg starts from an empty cache (fragmentation caused OOMs)
 
     official_weights = None
     if OFFICIAL_LEG in cfg.legs and not ctx.skip_official:
