@@ -13,8 +13,14 @@ chunk order. The frames are therefore the one-device rollout's frames, bit for b
 deterministic kernels (tested on the CPU).
 
 Timing: each rank stamps ``time.perf_counter()`` (one monotonic clock for processes of one host)
-when a chunk's latents are sent (rank 0) and when its frames are on the host (rank 1). The
-steady ``interval`` between consecutive frames-ready stamps is the pipelined time per chunk.
+when a chunk's latents are sent (rank 0) and when its frames are on the host (rank 1).
+``interval`` is the time between consecutive frames-ready stamps and ``sent_interval`` the time
+between consecutive sends. Output cannot outpace input for long, so the steady pipelined time per
+chunk is ``max(interval, sent_interval)`` (``pipelined``): a decoder working off a backlog shows
+short intervals that the DiT cannot sustain (the first two-GPU bench measured exactly that, with
+the decoder's compile still running while the DiT raced ahead). For the same reason rank 1 warms
+its decoder up (compiles it) on a scratch stream before the rollout starts, and ``recv_wait``
+(GPU time the decode stream waited for the latents) says which side is the bottleneck.
 """
 
 from __future__ import annotations
@@ -98,12 +104,14 @@ def pipelined_rollout(
             i = c0["index"]
             frames = np.load(out_dir / f"frames-{i}.npy") if keep_frames else None
             latents = torch.load(out_dir / f"latents-{i}.pt", weights_only=True)
-            timings = {**c0["timings_ms"], "decode": c1["decode_ms"]}
+            timings = {**c0["timings_ms"], "decode": c1["decode_ms"], "recv_wait": c1["recv_wait_ms"]}
             chunks.append(PipelinedChunk(index=i, frames=frames, latents=latents, timings_ms=timings,
                                          sent_s=c0["sent_s"], ready_s=c1["ready_s"],
                                          memory_indices=c0["memory_indices"]))
     for prev, cur in zip(chunks, chunks[1:], strict=False):
         cur.timings_ms["interval"] = (cur.ready_s - prev.ready_s) * 1e3
+        cur.timings_ms["sent_interval"] = (cur.sent_s - prev.sent_s) * 1e3
+        cur.timings_ms["pipelined"] = max(cur.timings_ms["interval"], cur.timings_ms["sent_interval"])
     return chunks, rank0["accel"]
 
 
@@ -119,6 +127,9 @@ def _worker(rank, port, build_models, image, text_states, trajectory, settings, 
                                 device_id=device if device.type == "cuda" else None)
         try:
             models = build_models(device)
+            if rank == 1:
+                _warm_up_decoder(models, image, settings, device)
+            dist.barrier()  # rank 0 starts the rollout once the decoder is ready
             if rank == 0:
                 _dit_side(models, image, text_states, trajectory, settings, device, out)
             else:
@@ -142,25 +153,46 @@ def _dit_side(models, image, text_states, trajectory, settings, device, out: Pat
     (out / "rank0.json").write_text(json.dumps({"chunks": records, "accel": pipe.last_accel_stats.to_dict()}))
 
 
-def _decode_side(models, image, settings, device, keep_frames: bool, out: Path) -> None:
+def _latent_shape(models, image) -> tuple[int, int, int, int, int]:
+    spatial = models.vae.config.scale_factor_spatial
+    return (1, models.dit.config.in_channels, CHUNK_LATENTS, image.shape[-2] // spatial, image.shape[-1] // spatial)
+
+
+@torch.no_grad()
+def _warm_up_decoder(models, image, settings, device) -> None:
+    """Decode two chunks of zeros on a scratch stream: the first (fresh-stream) call and the
+    steady call, so that compiling the steady decoder does not happen inside the timed rollout."""
     vae = models.vae
-    spatial = vae.config.scale_factor_spatial
-    lh, lw = image.shape[-2] // spatial, image.shape[-1] // spatial
-    vae_dtype = next(vae.parameters()).dtype
     if settings.fast_decode:
         vae.enable_fast_decode()
-    state = vae.new_decode_state(1, lh, lw, device=device, dtype=vae_dtype)
-    shape = (1, models.dit.config.in_channels, CHUNK_LATENTS, lh, lw)
+    shape = _latent_shape(models, image)
+    scratch = vae.new_decode_state(1, shape[3], shape[4], device=device, dtype=next(vae.parameters()).dtype)
+    zeros = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+    for _ in range(2):
+        vae.decode(zeros, scratch)
+    del scratch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _decode_side(models, image, settings, device, keep_frames: bool, out: Path) -> None:
+    vae = models.vae
+    shape = _latent_shape(models, image)
+    state = vae.new_decode_state(1, shape[3], shape[4], device=device, dtype=next(vae.parameters()).dtype)
     records = []
     with torch.no_grad():
         for index in range(settings.num_chunk):
             latents = torch.empty(shape, dtype=torch.bfloat16, device=device)
-            dist.recv(latents, src=0)
             timer = StageTimer(device)
+            dist.recv(latents, src=0)
+            timer.mark("recv_wait")
             frames = frames_to_uint8(vae.decode(latents, state)).cpu()
             timer.mark("decode")
             ready = time.perf_counter()
-            records.append({"index": index, "decode_ms": timer.read()["decode"], "ready_s": ready})
+            stages = timer.read()
+            records.append({"index": index, "decode_ms": stages["decode"], "recv_wait_ms": stages["recv_wait"],
+                            "ready_s": ready})
             if keep_frames:
                 np.save(out / f"frames-{index}.npy", frames.numpy())
     (out / "rank1.json").write_text(json.dumps({"chunks": records}))

@@ -265,8 +265,9 @@ def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: Experime
                              text: torch.Tensor, trajectory: Trajectory, *, accel_out: dict | None = None
                              ) -> Iterator[LegChunk]:
     """A native leg over two GPUs (worldplay.pipelined): each process loads ``weights`` itself.
-    Stage names as :func:`native_rollout`, plus ``interval`` (time between consecutive chunks'
-    frames reaching the host); ``total`` is that interval, the pipelined time per chunk."""
+    Stage names as :func:`native_rollout`, plus ``interval``, ``sent_interval``, ``recv_wait``
+    and ``pipelined`` (see worldplay.pipelined); ``total`` is ``pipelined``, the sustained time
+    per chunk (max of the output and input intervals)."""
     import functools
 
     from ..media import load_image
@@ -282,7 +283,7 @@ def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: Experime
         t["steps"] = steps
         t.setdefault("prefill", 0.0)
         t["dit"] = t["prefill"] + t.get("kv_move", 0.0) + steps
-        t["total"] = t.get("interval", t["dit"] + t["decode"])
+        t["total"] = t.get("pipelined", t["dit"] + t["decode"])
         yield LegChunk(index=out.index, frames=np.zeros((0, height, width, 3), np.uint8), latents=out.latents,
                        timings_ms=t, memory_indices=out.memory_indices)
     if accel_out is not None:

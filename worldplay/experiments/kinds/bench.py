@@ -121,9 +121,11 @@ def run(ctx: RunContext) -> KindOutput:
         "stage_definitions": {
             "prefill": "memory K/V prefill forward", "steps": "the 4 denoising forwards",
             "dit": "prefill + steps (+ kv_move in reuse mode)", "decode": "VAE decode of the chunk's 4 latents",
-            "total": "dit + decode; two-GPU legs: the interval", "kv_move": "reuse mode: moving and re-rotating "
+            "total": "dit + decode; two-GPU legs: pipelined", "kv_move": "reuse mode: moving and re-rotating "
             "the kept memory K/V", "interval": "two-GPU legs: time between consecutive chunks' frames reaching "
-            "the host (the pipelined time per chunk)",
+            "the host", "sent_interval": "two-GPU legs: time between consecutive chunks' latents leaving GPU 0",
+            "pipelined": "two-GPU legs: max(interval, sent_interval), the sustained time per chunk",
+            "recv_wait": "two-GPU legs: GPU time the decoder waited for the latents (0: it is the bottleneck)",
             "select": "native memory-frame selection (not in total)",
             "dit_call": "official: the whole pipeline call (selection, host work, prefill, steps)",
         },
