@@ -44,7 +44,7 @@ STYLE = {
 }
 #: Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-BENCH_STAGES = ("select", "memory_select", "prefill", "steps", "dit", "decode", "total")
+BENCH_STAGES = ("select", "memory_select", "prefill", "kv_move", "steps", "dit", "decode", "total")
 LINE_STAGES = (("dit", "DiT (prefill + 4 steps)"), ("decode", "VAE decode"), ("total", "total (DiT + decode)"))
 
 
