@@ -144,12 +144,19 @@ def _worker(rank, port, build_models, image, text_states, trajectory, settings, 
 
 def _dit_side(models, image, text_states, trajectory, settings, device, out: Path) -> None:
     pipe = WorldPlayPipeline(models.dit, models.vae, device=device)
-    records = []
+    records, pending = [], []
     for chunk in pipe.rollout(image, text_states, trajectory, dataclasses.replace(settings, decode=False)):
-        dist.send(chunk.device_latents.contiguous(), dst=1)
+        # isend, never waited on until the end: a blocking send would make the DiT's stream wait
+        # until the decoder has posted its receive, so a busy decoder would stall the DiT (the
+        # first two-GPU bench showed such stalls). The chunk's latents are a fresh tensor that
+        # nothing overwrites; the process group keeps it alive until the transfer is done.
+        latents = chunk.device_latents.contiguous()
+        pending.append((dist.isend(latents, dst=1), latents))  # the tensor is held until the end
         records.append({"index": chunk.index, "timings_ms": chunk.timings_ms, "sent_s": time.perf_counter(),
                         "memory_indices": list(chunk.memory.indices) if chunk.memory else None})
         torch.save(chunk.latents, out / f"latents-{chunk.index}.pt")
+    for work, _ in pending:
+        work.wait()
     (out / "rank0.json").write_text(json.dumps({"chunks": records, "accel": pipe.last_accel_stats.to_dict()}))
 
 
