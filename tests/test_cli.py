@@ -91,3 +91,22 @@ def test_help_documents_every_option():
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "worldplay", "run", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--num-chunk" in done.stdout
+
+
+def test_two_device_run_writes_the_same_video(tmp_path, image):
+    """--decode-device: the DiT and the decoder in two processes (gloo on the CPU) give the frames
+    of the one-device run."""
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    assert _run(image, one, "--pose", "w-11", "--num-chunk", "3") == 0
+    assert _run(image, two, "--pose", "w-11", "--num-chunk", "3", "--decode-device", "cpu") == 0
+    assert np.array_equal(read_video(one), read_video(two))
+    stats = json.loads(two.with_suffix(".json").read_text())
+    assert stats["devices"] == {"dit": "cpu", "decode": "cpu"} and stats["frames"] == 16 * 3 - 3
+    assert "interval" in stats["chunks"][2]["timings_ms"]
+
+
+def test_fast_and_reuse_options_reach_the_settings(tmp_path, image):
+    out = tmp_path / "v.mp4"
+    assert _run(image, out, "--pose", "w-11", "--num-chunk", "3", "--fast", "--memory-mode", "reuse") == 0
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert settings["memory_mode"] == "reuse" and settings["attention_backend"] == "sdpa"  # CPU: no cuDNN/FA4

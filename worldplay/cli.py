@@ -7,6 +7,8 @@ written atomically and an existing output is never silently kept or replaced.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -53,7 +55,18 @@ def _run_parser(sub) -> None:
     p.add_argument("--height", type=int, help="output height (default 704 for wan5b, 64 for tiny)")
     p.add_argument("--width", type=int, help="output width (default 1280 for wan5b, 96 for tiny)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--attention", default="sdpa", help="attention backend: sdpa, cudnn, flash, efficient, math")
+    p.add_argument("--attention", default=None,
+                   help="attention backend: sdpa, fa4 (needs the flash-attn-4 package), cudnn, flash, efficient, "
+                        "math (default: sdpa, or the fastest available with --fast)")
+    p.add_argument("--fast", action="store_true",
+                   help="the fastest exact settings (GPU: compiled blocks, CUDA graphs, FA4 or cuDNN attention, "
+                        "compiled channels-last VAE decoder); the first chunks are slower while they compile")
+    p.add_argument("--memory-mode", choices=["reprefill", "reuse"], default="reprefill",
+                   help="reprefill: the official exact memory (default); reuse: keep memory K/V across chunks, "
+                        "about 1.5x faster DiT, an approximation (its measured drift is on the model card)")
+    p.add_argument("--decode-device", default=None, metavar="DEVICE",
+                   help="decode on a second device (e.g. cuda:1) while --device runs the DiT of the next chunk "
+                        "(two processes, torch.distributed); the frames are the same as on one device")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
@@ -96,12 +109,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if stats_path.exists() and not args.overwrite:
         raise UsageError(f"{stats_path} exists; pass --overwrite to replace it")
     trajectory = load_trajectory(args.pose).for_chunks(args.num_chunk)
-    settings = RolloutSettings(num_chunk=args.num_chunk, seed=args.seed, attention_backend=args.attention)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = {}
+    if args.fast:
+        from .experiments.legs import fastest_settings
+
+        overrides = fastest_settings(device.type)
+    if args.attention:
+        overrides["attention_backend"] = args.attention
+    settings = RolloutSettings(num_chunk=args.num_chunk, seed=args.seed, memory_mode=args.memory_mode,
+                               **overrides)
+    if args.decode_device and torch.device(args.decode_device) == device and device.type == "cuda":
+        raise UsageError(f"--decode-device {args.decode_device} is --device itself; name a second GPU (e.g. cuda:1)")
     height, width = PRESET_RESOLUTION[args.preset]
     height, width = args.height or height, args.width or width
     image = load_image(args.image, width, height)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16
+    if args.decode_device:
+        return _run_two_devices(args, settings, trajectory, image, device, height, width, stats_path)
 
     with VideoWriter(args.out, fps=16, overwrite=args.overwrite) as writer:
         t0 = time.perf_counter()
@@ -146,13 +171,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         "text": text_identity,
         "weights": models.identity,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "attention_backend": args.attention,
+        "settings": dataclasses.asdict(settings),
         "load_s": round(load_s, 3),
         "chunks": chunks,
     }
     atomic_write_json(stats_path, stats)
     log.info("wrote %s (%d frames) and %s", args.out, total_frames, stats_path)
     print(f"wrote {args.out} ({total_frames} frames) and {stats_path}")
+    return 0
+
+
+def _build_real(checkpoint: str, base: str, device):
+    from .models import load_real_models
+
+    return load_real_models(checkpoint, base, device=device)
+
+
+def _run_two_devices(args, settings, trajectory, image, device, height: int, width: int, stats_path: Path) -> int:
+    """``--decode-device``: worldplay.pipelined runs the DiT on ``device`` and the decoder on the
+    other; both processes load the weights themselves."""
+    import torch
+
+    from .media import VideoWriter, atomic_write_json
+    from .models import random_text_states
+    from .pipelined import pipelined_rollout, random_builder
+
+    devices = (str(device), args.decode_device)
+    t0 = time.perf_counter()
+    if args.random_init is not None:
+        build = random_builder(args.preset, args.random_init)
+        text_states = random_text_states(args.preset, args.random_init)
+        text_identity = f"random-init:{args.random_init}"
+    else:
+        from .models import resolve_location
+        from .nn.text import prompt_embeddings
+
+        build = functools.partial(_build_real, args.checkpoint, args.base)
+        base_dir, _ = resolve_location(args.base, ["text_encoder/*", "tokenizer/*"])
+        text_states, _ = prompt_embeddings(args.prompt, cache_dir=args.text_cache, encoder_dir=base_dir,
+                                           device=device, dtype=torch.bfloat16)
+        text_identity = "umT5 (cached)"
+    chunks, accel = pipelined_rollout(build, image, text_states, trajectory, settings, devices=devices)
+    wall_s = time.perf_counter() - t0
+    with VideoWriter(args.out, fps=16, overwrite=args.overwrite) as writer:
+        for out in chunks:
+            writer.append(out.frames)
+        total_frames = writer.frames_written
+    stats = {
+        "video": str(args.out), "frames": total_frames, "fps": 16, "resolution": [height, width],
+        "preset": args.preset, "pose": args.pose, "num_chunk": args.num_chunk, "seed": args.seed,
+        "prompt": args.prompt, "text": text_identity, "devices": {"dit": devices[0], "decode": devices[1]},
+        "settings": dataclasses.asdict(settings), "accel": accel, "wall_s": round(wall_s, 3),
+        "chunks": [{"chunk": c.index, "frames": int(c.frames.shape[0]), "memory_frames": c.memory_indices or [],
+                    "timings_ms": {k: round(v, 3) for k, v in c.timings_ms.items()}} for c in chunks],
+    }
+    atomic_write_json(stats_path, stats)
+    print(f"wrote {args.out} ({total_frames} frames, DiT on {devices[0]}, decode on {devices[1]}) and {stats_path}")
     return 0
 
 
