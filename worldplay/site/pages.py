@@ -608,36 +608,31 @@ def targets_table(exp: Experiment) -> str:
                           "steady-state medians, same run)", align={"target": "l", "measured": "l"})
 
 
-def card_fast_modes(r: Renderer, site: Site) -> str:
-    exp = site.first_for("fast_modes")
+_REUSE_INTRO = ("`memory_mode=\"reuse\"` keeps the memory keys and values of frames that stay selected "
+                "(their RoPE keys re-rotated to the new rank) instead of re-prefilling all 16 memory latents "
+                "every chunk, and computes only newly selected latents. It is an approximation: with depth, a "
+                "frame's keys depend on the context they were computed in. Its deviation from the exact mode, from ")
+
+
+def _card_paired(r: Renderer, site: Site, role: str, what: str, intro: str = "From ") -> str:
+    """A drift experiment on the model card: the first of ``model_card.<role>`` with a result."""
+    exp = site.first_for(role)
     if exp is None:
-        return _not_run(site.config.model_card.get("fast_modes", ()), "fast-mode drift")
+        return _not_run(site.config.model_card.get(role, ()), what)
     res = exp.result
-    out = []
-    if res.is_tiny:
-        out.append(tiny_admonition("The numbers below"))
-    out.append("`memory_mode=\"reuse\"` keeps the memory keys and values of frames that stay selected "
-               "(their RoPE keys re-rotated to the new rank) instead of re-prefilling all 16 memory latents "
-               "every chunk, and computes only newly selected latents. It is an approximation: with depth, a "
-               "frame's keys depend on the context they were computed in. Its deviation from the exact "
-               f"mode, from {r.doc(exp.name)} (`{res.summary.get('test_leg')}` against "
-               f"`{res.summary.get('reference_leg')}`, same weights and inputs):\n")
+    out = [tiny_admonition("The numbers below")] if res.is_tiny else []
+    out.append(f"{intro}{r.doc(exp.name)}: `{res.summary.get('test_leg')}` against "
+               f"`{res.summary.get('reference_leg')}` with the same weights and inputs.\n")
     out.append(paired_results(r, exp, details=False))
     return "\n".join(out)
+
+
+def card_fast_modes(r: Renderer, site: Site) -> str:
+    return _card_paired(r, site, "fast_modes", "fast-mode drift", _REUSE_INTRO)
 
 
 def card_drift(r: Renderer, site: Site) -> str:
-    exp = site.first_for("drift")
-    if exp is None:
-        return _not_run(site.config.model_card.get("drift", ()), "drift")
-    res = exp.result
-    out = []
-    if res.is_tiny:
-        out.append(tiny_admonition("The numbers below"))
-    out.append(f"From {r.doc(exp.name)}: `{res.summary.get('test_leg')}` against `{res.summary.get('reference_leg')}` "
-               "with the same weights and inputs.\n")
-    out.append(paired_results(r, exp, details=False))
-    return "\n".join(out)
+    return _card_paired(r, site, "drift", "drift")
 
 
 def card_parity(r: Renderer, site: Site) -> str:
