@@ -32,3 +32,18 @@ def test_pipelined_rollout_equals_the_one_device_rollout():
         assert t["pipelined"] == max(t["interval"], t["sent_interval"]) > 0
         assert t["recv_wait"] >= 0
     assert accel["eager_calls"] > 0
+
+
+def _broken_builder(device):
+    raise FileNotFoundError("no weights at /nowhere (test)")
+
+
+def test_a_failing_worker_is_reported_with_its_error():
+    import pytest
+
+    from worldplay.pipelined import PipelineError
+
+    traj = trajectory_from_pose_string("w-7")
+    with pytest.raises(PipelineError, match="no weights at /nowhere"):
+        pipelined_rollout(_broken_builder, torch.zeros(3, 64, 96), random_text_states("tiny", 0), traj,
+                          RolloutSettings(num_chunk=2, noise_latents=8), devices=("cpu", "cpu"))

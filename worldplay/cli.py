@@ -243,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .pose import PoseError
+    from .pipelined import PipelineError
     from .rollout import RolloutError
 
     expected: tuple[type[BaseException], ...] = (UsageError, CheckpointError, ConfigError, PoseError, RolloutError,
-                                                 FileExistsError, FileNotFoundError)
+                                                 PipelineError, FileExistsError, FileNotFoundError)
     try:
         from .media import MediaError
 
@@ -256,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except expected as exc:
-        print(f"worldplay {args.command}: error: {exc}", file=sys.stderr)
+        # A worker's traceback goes to the log; the user gets its last line.
+        print(f"worldplay {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        log.info("%s", exc)
         return 2
     except torch.OutOfMemoryError as exc:
         print(

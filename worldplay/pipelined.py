@@ -86,6 +86,8 @@ def pipelined_rollout(
     if dtype != torch.bfloat16:
         raise RolloutError("pipelined rollouts run in bfloat16 (the float32 reference decodes latent by latent)")
     trajectory.for_chunks(settings.num_chunk)  # errors before any process starts
+    # "cuda" means the first GPU; process groups need explicit indices.
+    devices = tuple(f"{d}:0" if d == "cuda" else d for d in devices)
     backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
     if backend == "nccl" and torch.cuda.device_count() < 2:
         raise RolloutError(f"a two-GPU pipeline needs 2 CUDA devices; this machine has {torch.cuda.device_count()}")
@@ -93,10 +95,12 @@ def pipelined_rollout(
         out_dir = Path(tmp)
         args = (_free_port(), build_models, image.cpu(), text_states.cpu(), trajectory,
                 dataclasses.replace(settings, decode=True), devices, backend, keep_frames, str(out_dir))
-        mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
-        errors = [p.read_text() for p in sorted(out_dir.glob("error-*.txt"))]
-        if errors:
-            raise PipelineError("a pipeline worker failed:\n" + "\n".join(errors))
+        try:
+            mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
+        except Exception as exc:  # noqa: BLE001 - re-raised with the workers' own tracebacks
+            errors = [p.read_text() for p in sorted(out_dir.glob("error-*.txt"))] or [str(exc)]
+            last = errors[0].strip().splitlines()[-1]
+            raise PipelineError(f"a pipeline worker failed: {last}\n" + "\n".join(errors)) from None
         rank0 = json.loads((out_dir / "rank0.json").read_text())
         rank1 = json.loads((out_dir / "rank1.json").read_text())
         chunks = []
