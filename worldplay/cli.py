@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .pose import PoseError
     from .pipelined import PipelineError
+    from .pose import PoseError
     from .rollout import RolloutError
 
     expected: tuple[type[BaseException], ...] = (UsageError, CheckpointError, ConfigError, PoseError, RolloutError,
