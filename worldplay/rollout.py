@@ -41,6 +41,7 @@ from .memory import (
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
 from .nn.attention import check_backend
 from .nn.dit import WanDiT
+from .nn.fp8 import fp8_linears
 from .nn.rope import rotate_temporal, temporal_rotation_tables
 from .pose import Trajectory
 from .sampler import distilled_schedule, euler_step
@@ -49,6 +50,7 @@ from .sampler import distilled_schedule, euler_step
 # approximation that keeps the K/V of frames that stay selected (re-rotated to their new
 # positions) and computes only newly selected frames; its drift is measured, never assumed.
 MEMORY_MODES = ("reprefill", "reuse")
+LINEAR_DTYPES = ("bf16", "fp8")
 OFFICIAL_NOISE_LATENTS = 241  # (961 - 1) // 4 + 1: the official CLI's default --num_frames 961
 
 
@@ -69,6 +71,9 @@ class RolloutSettings:
     official_rope_tables: bool = True
     accel: str = "eager"  # see worldplay.accel: eager, compile, graphs, compile+graphs
     fast_decode: bool = False  # channels-last + compiled VAE decoder (WanVAE.enable_fast_decode)
+    # "fp8": the DiT blocks' linear layers in e4m3 with per-row scales (worldplay.nn.fp8), a fast
+    # approximation whose drift is measured; "bf16": the model dtype (exact).
+    linear_dtype: str = "bf16"
     # False: no VAE decode here (frames come back empty); the clean latents are handed on in
     # ChunkOutput.device_latents, e.g. to a decoder on another GPU (worldplay.pipelined).
     decode: bool = True
@@ -88,6 +93,8 @@ class RolloutSettings:
         check_backend(self.attention_backend)
         if self.accel not in ACCEL_MODES:
             raise RolloutError(f"accel {self.accel!r} unknown; choose one of {ACCEL_MODES}")
+        if self.linear_dtype not in LINEAR_DTYPES:
+            raise RolloutError(f"linear_dtype {self.linear_dtype!r} unknown; choose one of {LINEAR_DTYPES}")
 
 
 @dataclass
@@ -164,6 +171,12 @@ class WorldPlayPipeline:
         """Generate ``settings.num_chunk`` chunks from ``image [3, H, W]`` in [-1, 1] and the
         prompt embeddings ``text_states [1, L, text_dim]``."""
         traj = trajectory.for_chunks(settings.num_chunk)  # errors before any model work
+        if settings.linear_dtype == "fp8":
+            if self.dtype != torch.bfloat16:
+                raise RolloutError("linear_dtype='fp8' runs with bfloat16 models")
+            with fp8_linears(self.dit):
+                yield from self._rollout(image, text_states, traj, settings)
+            return
         if self.dtype == torch.float32:
             # A float32 run is a reference: no TF32 in matmuls or cuDNN convolutions.
             saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

@@ -108,10 +108,16 @@ def native_leg(name: str, device_type: str) -> NativeLeg:
         return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), "memory_mode": "reuse"})
     if name == "native-compiled":
         return NativeLeg(name, torch.bfloat16, {"accel": "compile"})
-    if name == "native-2gpu":
-        return NativeLeg(name, torch.bfloat16, fastest_settings(device_type))
-    if name == "native-2gpu-reuse":
-        return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), "memory_mode": "reuse"})
+    # Fast modes on top of the fastest settings, one or two GPUs (worldplay.pipelined).
+    fast_modes = {
+        "native-fp8": {"linear_dtype": "fp8"},
+        "native-reuse-fp8": {"memory_mode": "reuse", "linear_dtype": "fp8"},
+        "native-2gpu": {},
+        "native-2gpu-reuse": {"memory_mode": "reuse"},
+        "native-2gpu-reuse-fp8": {"memory_mode": "reuse", "linear_dtype": "fp8"},
+    }
+    if name in fast_modes:
+        return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), **fast_modes[name]})
     raise ValueError(f"{name!r} is not a native leg")
 
 

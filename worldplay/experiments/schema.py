@@ -51,9 +51,10 @@ OFFICIAL_NOISE_LATENTS = 241  # worldplay.rollout.OFFICIAL_NOISE_LATENTS
 CHUNK_LATENTS = 4
 SPATIAL_MULTIPLE = 32  # VAE stride 16 x DiT patch 2
 
-NATIVE_LEGS = ("native-eager", "native-fastest", "native-float32", "native-compiled", "native-reuse")
+NATIVE_LEGS = ("native-eager", "native-fastest", "native-float32", "native-compiled", "native-reuse", "native-fp8",
+               "native-reuse-fp8")
 # Bench only: DiT on GPU 0 and VAE decode on GPU 1, pipelined across chunks (worldplay.pipelined).
-PIPELINED_LEGS = ("native-2gpu", "native-2gpu-reuse")
+PIPELINED_LEGS = ("native-2gpu", "native-2gpu-reuse", "native-2gpu-reuse-fp8")
 OFFICIAL_LEG = "official"
 LEGS = (*NATIVE_LEGS, *PIPELINED_LEGS, OFFICIAL_LEG)
 LEG_HELP = {
@@ -66,6 +67,10 @@ LEG_HELP = {
     "native-2gpu": "the fastest settings over two GPUs: DiT on GPU 0, VAE decode of the previous chunk on GPU 1 "
     "(bench only; its total is the pipelined time per chunk)",
     "native-2gpu-reuse": "native-2gpu with memory_mode='reuse'",
+    "native-2gpu-reuse-fp8": "native-2gpu with memory_mode='reuse' and linear_dtype='fp8'",
+    "native-fp8": "the fastest settings with linear_dtype='fp8' (a fast approximation: the DiT blocks' linear "
+    "layers in e4m3 with per-row scales)",
+    "native-reuse-fp8": "the fastest settings with memory_mode='reuse' and linear_dtype='fp8'",
     "official": "the official HY-WorldPlay code (needs --official PATH or WORLDPLAY_OFFICIAL)",
 }
 PARITY_FLOORS = ("repeat", "compile-toggle", "none")
