@@ -110,3 +110,11 @@ def test_fast_and_reuse_options_reach_the_settings(tmp_path, image):
     assert _run(image, out, "--pose", "w-11", "--num-chunk", "3", "--fast", "--memory-mode", "reuse") == 0
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert settings["memory_mode"] == "reuse" and settings["attention_backend"] == "sdpa"  # CPU: no cuDNN/FA4
+
+
+@pytest.mark.parametrize("backend", ["fa4", "cudnn"])
+def test_gpu_only_attention_on_the_cpu_fails_cleanly(tmp_path, image, capsys, backend):
+    assert _run(image, tmp_path / "v.mp4", "--pose", "w-3", "--num-chunk", "1", "--attention", backend) == 2
+    err = capsys.readouterr().err
+    assert f"attention backend '{backend}' runs only on CUDA" in err and "sdpa" in err
+    assert not (tmp_path / "v.mp4").exists()

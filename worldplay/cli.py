@@ -55,7 +55,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--height", type=int, help="output height (default 704 for wan5b, 64 for tiny)")
     p.add_argument("--width", type=int, help="output width (default 1280 for wan5b, 96 for tiny)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--attention", default=None,
+    p.add_argument("--attention", default=None, choices=["sdpa", "fa4", "cudnn", "flash", "efficient", "math"],
                    help="attention backend: sdpa, fa4 (needs the flash-attn-4 package), cudnn, flash, efficient, "
                         "math (default: sdpa, or the fastest available with --fast)")
     p.add_argument("--fast", action="store_true",

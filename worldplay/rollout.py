@@ -39,7 +39,7 @@ from .memory import (
     memory_positions,
 )
 from .memory_select import MemorySelection, memory_point_cloud, select_memory
-from .nn.attention import check_backend
+from .nn.attention import check_backend, fa4_usable
 from .nn.dit import WanDiT
 from .nn.fp8 import fp8_linears
 from .nn.rope import rotate_temporal, temporal_rotation_tables
@@ -190,6 +190,12 @@ class WorldPlayPipeline:
 
     def _rollout(self, image, text_states, traj, settings: RolloutSettings) -> Iterator[ChunkOutput]:
         dev, dtype, dit = self.device, self.dtype, self.dit
+        if settings.attention_backend in ("cudnn", "fa4") and dev.type != "cuda":
+            raise RolloutError(f"attention backend {settings.attention_backend!r} runs only on CUDA GPUs; "
+                               "use 'sdpa' on this device")
+        if settings.attention_backend == "fa4" and not fa4_usable():
+            raise RolloutError("attention backend 'fa4' needs the flash-attn-4 package (pip install "
+                               "'worldplay[fa4]') and a Hopper or Blackwell GPU; or use 'cudnn'")
         height, width = image.shape[-2:]
         spatial = self.vae.config.scale_factor_spatial
         if height % (spatial * 2) or width % (spatial * 2):
