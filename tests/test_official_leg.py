@@ -172,12 +172,17 @@ def test_read_official_commit(tmp_path):
 def test_set_compile(monkeypatch):
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", torch._dynamo.config.disable)
+    # Restored by hand: pytest's monkeypatch undo breaks torch 2.13's context-variable configs
+    # (dynamo then fails in every later torch.compile of the same process).
+    saved = torch._dynamo.config.disable
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
-    set_compile(False)
-    assert torch._dynamo.config.disable is True and os.environ["TORCH_COMPILE_DISABLE"] == "1"
-    set_compile(True)
-    assert torch._dynamo.config.disable is False and "TORCH_COMPILE_DISABLE" not in os.environ
+    try:
+        set_compile(False)
+        assert torch._dynamo.config.disable is True and os.environ["TORCH_COMPILE_DISABLE"] == "1"
+        set_compile(True)
+        assert torch._dynamo.config.disable is False and "TORCH_COMPILE_DISABLE" not in os.environ
+    finally:
+        torch._dynamo.config.disable = saved
 
 
 def test_leg_needs_world_size(monkeypatch, tmp_path):
