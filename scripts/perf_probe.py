@@ -288,11 +288,13 @@ def main() -> None:
                 print(RESULTS["profile"]["error"], flush=True)
             save(ARGS.out)
         if "rollouts" in sections:
+            best = "fa4" if fa4 else "cudnn"
             variants = [{"attention_backend": "cudnn"}]
             if fa4:
-                variants += [{"attention_backend": "fa4"}, {"attention_backend": "fa4", "memory_mode": "reuse"}]
-            else:
-                variants += [{"attention_backend": "cudnn", "memory_mode": "reuse"}]
+                variants.append({"attention_backend": "fa4"})
+            variants += [{"attention_backend": best, "memory_mode": "reuse"},
+                         {"attention_backend": best, "linear_dtype": "fp8"},
+                         {"attention_backend": best, "memory_mode": "reuse", "linear_dtype": "fp8"}]
             section_rollouts(pipe, image, text, variants)
     save(ARGS.out)
     print("\nvariant | prefill | 4 steps | DiT | decode | total | replays/captures/recompiles | max latent err")
