@@ -319,14 +319,22 @@ def bench_results(r: Renderer, exp: Experiment) -> str:
                                     f"({FRAMES_PER_CHUNK} frames per chunk), cold chunk 0, peak memory, achieved "
                                     "TFLOP/s" + (f" — {TINY_LABEL}" if tiny else "")))
     legs = charts.bench_legs(summary)
-    stages = [s for s in ("select", "memory_select", "prefill", "step0", "step1", "step2", "step3", "steps", "dit", "decode",
-                          "dit_call", "decode_wall", "total")
+    stages = [s for s in ("select", "memory_select", "prefill", "kv_move", "step0", "step1", "step2", "step3", "steps",
+                          "dit", "decode", "recv_wait", "interval", "sent_interval", "pipelined", "dit_call",
+                          "decode_wall", "total")
               if any(s in summary["legs"][leg]["steady_ms"] for leg in legs)]
     df = pd.DataFrame([{"stage": s, **{leg: _steady_cell(summary["legs"][leg]["steady_ms"].get(s)) for leg in legs},
                         "n": max(summary["legs"][leg]["steady_ms"].get(s, {}).get("n", 0) for leg in legs)}
                        for s in stages])
     out.append(markdown_table(df, caption="Steady-state ms per chunk: median [p10, p90] per stage"
                                           + (f" — {TINY_LABEL}" if tiny else ""), align={leg: "r" for leg in legs}))
+    accel_rows = [{"leg": leg, **{k: str([a.get(k, 0) for a in summary["legs"][leg]["accel"]])
+                                  for k in ("captures", "replays", "compiled_calls", "eager_calls", "recompiles")}}
+                  for leg in legs if summary["legs"][leg].get("accel")]
+    if accel_rows:
+        out.append(markdown_table(pd.DataFrame(accel_rows), caption="How the DiT calls ran, per repetition: CUDA-graph "
+                                  "captures and replays, compiled and eager block calls, and dynamo recompiles "
+                                  "after the first steady chunk"))
     src = r.chart(f"{exp.name}-chunks", lambda: charts.chunk_lines(res.chunks, summary, warmup_chunks=cfg.warmup_chunks,
                                                                   title=f"{exp.name}: time per chunk", tiny=tiny))
     out.append(r.figure(src, bench_caption(exp, "Per-chunk times: each repetition thin, the per-chunk median bold; "
