@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 
+from backbone_h100 import cuda_time_ms  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 from worldplay.nn.attention import attention  # noqa: E402
 
 RESULTS: dict = {}
@@ -39,17 +41,7 @@ def save(path: str) -> None:
 
 
 def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(cuda_time_ms(fn, warmup=warmup, reps=reps))
 
 
 def fa4_available() -> str | None:

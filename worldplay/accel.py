@@ -97,40 +97,21 @@ class DiTRunner:
         return None
 
     def prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> None:
-        def run(lat=latents, t=timesteps, cams=cams):
-            self.dit(lat, t, text, rope=rope, kv_buffers=kv, write=kv.memory_tokens(n_mem),
+        def run(i):
+            self.dit(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv, write=kv.memory_tokens(n_mem),
                      read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend,
-                     block_fn=self._block_fn(n_mem), **cams)
+                     block_fn=self._block_fn(n_mem), **{k: i[k] for k in cams})
 
-        if not self._use_graphs(latents.device, n_mem):
-            run()
-            return
-        graph = self._graphs.get("prefill")
-        if graph is None:
-            statics = {"latents": latents.clone(), "timesteps": timesteps.clone(),
-                       **{k: v.clone() for k, v in cams.items()}}
-            graph = self._capture("prefill", lambda: run(
-                statics["latents"], statics["timesteps"], {k: statics[k] for k in cams}), statics)
-        graph(latents=latents, timesteps=timesteps, **cams)
-        self.stats.replays += 1
+        self._call("prefill", self._use_graphs(latents.device, n_mem), run,
+                   {"latents": latents, "timesteps": timesteps, **cams})
 
     def step(self, x, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> torch.Tensor:
-        def run(lat=x, t=timesteps, cams=cams):
-            return self.dit(lat, t, text, rope=rope, kv_buffers=kv, write=kv.chunk_tokens(),
+        def run(i):
+            return self.dit(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv, write=kv.chunk_tokens(),
                             read=kv.attended_tokens(n_mem), attention_backend=self.backend,
-                            block_fn=self._block_fn(n_mem), **cams)
+                            block_fn=self._block_fn(n_mem), **{k: i[k] for k in cams})
 
-        if not self._use_graphs(x.device, n_mem):
-            return run()
-        graph = self._graphs.get("step")
-        if graph is None:
-            statics = {"latents": x.clone(), "timesteps": timesteps.clone(),
-                       **{k: v.clone() for k, v in cams.items()}}
-            graph = self._capture("step", lambda: run(
-                statics["latents"], statics["timesteps"], {k: statics[k] for k in cams}), statics)
-        out = graph(latents=x, timesteps=timesteps, **cams)
-        self.stats.replays += 1
-        return out
+        return self._call("step", self._use_graphs(x.device, n_mem), run, {"latents": x, "timesteps": timesteps, **cams})
 
     def partial_prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int,
                         write: torch.Tensor, rope, **cams) -> None:
@@ -139,26 +120,28 @@ class DiTRunner:
         memory frames, the previous chunk's 4 new) has constant shapes, so it is compiled and
         captured like a full prefill; the write indices and the RoPE tables (the new frames'
         ranks) are static inputs of that graph."""
-        n_new = latents.shape[2]
-        common = n_mem == MEMORY_SLOTS and n_new == CHUNK_LATENTS
+        common = n_mem == MEMORY_SLOTS and latents.shape[2] == CHUNK_LATENTS
 
-        def run(lat=latents, t=timesteps, rope=rope, write=write, cams=cams):
-            self.dit(lat, t, text, rope=rope, kv_buffers=kv, write=write, read=kv.memory_tokens(n_mem),
-                     prefill=True, attention_backend=self.backend,
-                     block_fn=self._block_fn(n_mem) if common else self._eager(), **cams)
+        def run(i):
+            self.dit(i["latents"], i["timesteps"], text, rope=(i["cos"], i["sin"]), kv_buffers=kv, write=i["write"],
+                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend,
+                     block_fn=self._block_fn(n_mem) if common else self._eager(), **{k: i[k] for k in cams})
 
-        if not (common and self._use_graphs(latents.device, n_mem)):
-            run()
-            return
-        graph = self._graphs.get("partial")
+        self._call("partial", common and self._use_graphs(latents.device, n_mem), run,
+                   {"latents": latents, "timesteps": timesteps, "cos": rope[0], "sin": rope[1], "write": write, **cams})
+
+    def _call(self, name: str, graphed: bool, run, inputs: dict[str, torch.Tensor]):
+        """``run(inputs)`` eagerly, or as the replay of the graph ``name``, captured at its first
+        call with static copies of ``inputs`` (later inputs are copied into them before replay)."""
+        if not graphed:
+            return run(inputs)
+        graph = self._graphs.get(name)
         if graph is None:
-            statics = {"latents": latents.clone(), "timesteps": timesteps.clone(), "cos": rope[0].clone(),
-                       "sin": rope[1].clone(), "write": write.clone(), **{k: v.clone() for k, v in cams.items()}}
-            graph = self._capture("partial", lambda: run(
-                statics["latents"], statics["timesteps"], (statics["cos"], statics["sin"]), statics["write"],
-                {k: statics[k] for k in cams}), statics)
-        graph(latents=latents, timesteps=timesteps, cos=rope[0], sin=rope[1], write=write, **cams)
+            statics = {k: v.clone() for k, v in inputs.items()}
+            graph = self._capture(name, lambda: run(statics), statics)
+        out = graph(**inputs)
         self.stats.replays += 1
+        return out
 
     def _eager(self):
         self.stats.eager_calls += 1

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from .experiments.schema import ATTENTION_BACKENDS  # torch-free, like this module's top level
+
 log = logging.getLogger("worldplay")
 
 DEFAULT_PROMPT = "First-person view walking around ancient Athens, with Greek architecture and marble structures"
@@ -55,7 +57,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--height", type=int, help="output height (default 704 for wan5b, 64 for tiny)")
     p.add_argument("--width", type=int, help="output width (default 1280 for wan5b, 96 for tiny)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--attention", default=None, choices=["sdpa", "fa4", "cudnn", "flash", "efficient", "math"],
+    p.add_argument("--attention", default=None, choices=ATTENTION_BACKENDS,
                    help="attention backend: sdpa, fa4 (needs the flash-attn-4 package), cudnn, flash, efficient, "
                         "math (default: sdpa, or the fastest available with --fast)")
     p.add_argument("--fast", action="store_true",
@@ -94,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .media import VideoWriter, atomic_write_json, load_image
-    from .models import load_real_models, random_models, random_text_states
+    from .models import load_real_models, random_models
     from .pose import load_trajectory
     from .rollout import RolloutSettings, WorldPlayPipeline
 
@@ -132,18 +134,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if args.random_init is not None:
             models = random_models(args.preset, args.random_init, device=device, dtype=dtype)
-            text_states = random_text_states(args.preset, args.random_init)
-            text_identity = f"random-init:{args.random_init}"
         else:
-            from .models import resolve_location
-            from .nn.text import prompt_embeddings
-
             models = load_real_models(args.checkpoint, args.base, device=device, dtype=dtype)
-            base_dir, _ = resolve_location(args.base, ["text_encoder/*", "tokenizer/*"])
-            text_states, _ = prompt_embeddings(
-                args.prompt, cache_dir=args.text_cache, encoder_dir=base_dir, device=device, dtype=dtype
-            )
-            text_identity = "umT5 (cached)"
+        text_states, text_identity = _prompt_states(args, device)
         load_s = time.perf_counter() - t0
         pipe = WorldPlayPipeline(models.dit, models.vae, device=device, dtype=dtype)
         chunks = []
@@ -181,6 +174,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_states(args: argparse.Namespace, device):
+    """Prompt embeddings and how they were made: seeded random ones for random weights, else the
+    umT5 embedding of --prompt (from the on-disk cache when present)."""
+    import torch
+
+    from .models import random_text_states
+
+    if args.random_init is not None:
+        return random_text_states(args.preset, args.random_init), f"random-init:{args.random_init}"
+    from .models import resolve_location
+    from .nn.text import prompt_embeddings
+
+    base_dir, _ = resolve_location(args.base, ["text_encoder/*", "tokenizer/*"])
+    states, _ = prompt_embeddings(args.prompt, cache_dir=args.text_cache, encoder_dir=base_dir, device=device,
+                                  dtype=torch.bfloat16)
+    return states, "umT5 (cached)"
+
+
 def _build_real(checkpoint: str, base: str, device):
     from .models import load_real_models
 
@@ -190,27 +201,16 @@ def _build_real(checkpoint: str, base: str, device):
 def _run_two_devices(args, settings, trajectory, image, device, height: int, width: int, stats_path: Path) -> int:
     """``--decode-device``: worldplay.pipelined runs the DiT on ``device`` and the decoder on the
     other; both processes load the weights themselves."""
-    import torch
-
     from .media import VideoWriter, atomic_write_json
-    from .models import random_text_states
     from .pipelined import pipelined_rollout, random_builder
 
     devices = (str(device), args.decode_device)
     t0 = time.perf_counter()
     if args.random_init is not None:
         build = random_builder(args.preset, args.random_init)
-        text_states = random_text_states(args.preset, args.random_init)
-        text_identity = f"random-init:{args.random_init}"
     else:
-        from .models import resolve_location
-        from .nn.text import prompt_embeddings
-
         build = functools.partial(_build_real, args.checkpoint, args.base)
-        base_dir, _ = resolve_location(args.base, ["text_encoder/*", "tokenizer/*"])
-        text_states, _ = prompt_embeddings(args.prompt, cache_dir=args.text_cache, encoder_dir=base_dir,
-                                           device=device, dtype=torch.bfloat16)
-        text_identity = "umT5 (cached)"
+    text_states, text_identity = _prompt_states(args, device)
     chunks, accel = pipelined_rollout(build, image, text_states, trajectory, settings, devices=devices)
     wall_s = time.perf_counter() - t0
     with VideoWriter(args.out, fps=16, overwrite=args.overwrite) as writer:

@@ -357,24 +357,7 @@ def select_memory(
     )
 
 
-def select_memory_frames(
-    viewmats_w2c: torch.Tensor,
-    current_frame_idx: int,
-    points: torch.Tensor,
-    memory_frames: int = 16,
-    temporal_context_size: int = 12,
-    pred_latent_size: int = 4,
-    context_window_length: int = CONTEXT_WINDOW_LENGTH,
-    **overlap_kwargs,
-) -> list[int]:
-    """Selected memory frame indices, ascending (see :func:`select_memory`)."""
-    return select_memory(
-        viewmats_w2c,
-        current_frame_idx,
-        points,
-        memory_frames=memory_frames,
-        temporal_context_size=temporal_context_size,
-        pred_latent_size=pred_latent_size,
-        context_window_length=context_window_length,
-        **overlap_kwargs,
-    ).indices
+def select_memory_frames(*args, **kwargs) -> list[int]:
+    """Selected memory frame indices, ascending: :func:`select_memory` (same arguments) without
+    the scores."""
+    return select_memory(*args, **kwargs).indices

@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,6 @@ class PipelinedChunk:
     sent_s: float  # rank 0: latents handed to the transfer
     ready_s: float  # rank 1: frames on the host
     memory_indices: list[int] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class PipelineError(RuntimeError):

@@ -21,6 +21,7 @@ is drawn on the device (chunk c uses latents 4c..4c+3 of it, so every chunk's no
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -149,6 +150,17 @@ class StageTimer:
         return out
 
 
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """No TF32 in matmuls or cuDNN convolutions inside the ``with`` (float32 references)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class WorldPlayPipeline:
     """Holds the models; :meth:`~worldplay.rollout.WorldPlayPipeline.rollout` runs one video."""
 
@@ -171,22 +183,14 @@ class WorldPlayPipeline:
         """Generate ``settings.num_chunk`` chunks from ``image [3, H, W]`` in [-1, 1] and the
         prompt embeddings ``text_states [1, L, text_dim]``."""
         traj = trajectory.for_chunks(settings.num_chunk)  # errors before any model work
-        if settings.linear_dtype == "fp8":
-            if self.dtype != torch.bfloat16:
-                raise RolloutError("linear_dtype='fp8' runs with bfloat16 models")
-            with fp8_linears(self.dit):
-                yield from self._rollout(image, text_states, traj, settings)
-            return
-        if self.dtype == torch.float32:
-            # A float32 run is a reference: no TF32 in matmuls or cuDNN convolutions.
-            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            try:
-                yield from self._rollout(image, text_states, traj, settings)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-            return
-        yield from self._rollout(image, text_states, traj, settings)
+        if settings.linear_dtype == "fp8" and self.dtype != torch.bfloat16:
+            raise RolloutError("linear_dtype='fp8' runs with bfloat16 models")
+        with contextlib.ExitStack() as stack:
+            if settings.linear_dtype == "fp8":
+                stack.enter_context(fp8_linears(self.dit))
+            if self.dtype == torch.float32:
+                stack.enter_context(_no_tf32())  # a float32 run is a reference
+            yield from self._rollout(image, text_states, traj, settings)
 
     def _rollout(self, image, text_states, traj, settings: RolloutSettings) -> Iterator[ChunkOutput]:
         dev, dtype, dit = self.device, self.dtype, self.dit
@@ -297,20 +301,17 @@ class WorldPlayPipeline:
             history.latents[:, :, frames_idx] = x
             if not settings.decode:
                 frames = torch.empty(0, height, width, 3, dtype=torch.uint8)
-                timings = timer.read()
-                timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
-                yield ChunkOutput(index=chunk, frames=frames, latents=x.float().cpu(), memory=selection,
-                                  timings_ms=timings, device_latents=x)
-                continue
-            if self.dtype == torch.float32:
-                # A float32 reference decodes latent by latent (the same frames, see the VAE
-                # tests) to keep the decoder's transient memory to a quarter.
-                video = torch.cat([self.vae.decode(x[:, :, i : i + 1], decode_state) for i in range(CHUNK_LATENTS)], 2)
             else:
-                video = self.vae.decode(x, decode_state)  # de-normalises in the VAE dtype, as official
-            frames_dev = frames_to_uint8(video)
-            timer.mark("decode")
-            frames = frames_dev.cpu()
+                if self.dtype == torch.float32:
+                    # A float32 reference decodes latent by latent (the same frames, see the VAE
+                    # tests) to keep the decoder's transient memory to a quarter.
+                    video = torch.cat([self.vae.decode(x[:, :, i : i + 1], decode_state)
+                                       for i in range(CHUNK_LATENTS)], 2)
+                else:
+                    video = self.vae.decode(x, decode_state)  # de-normalises in the VAE dtype, as official
+                frames_dev = frames_to_uint8(video)
+                timer.mark("decode")
+                frames = frames_dev.cpu()
             timings = timer.read()
             timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
             yield ChunkOutput(

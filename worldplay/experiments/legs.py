@@ -228,6 +228,16 @@ def trajectory_for(pose: str, num_chunk: int, manifest: InputManifest) -> Trajec
 # ---------------------------------------------------------------------------------------------
 
 
+def _leg_timings(stages: dict[str, float]) -> dict[str, float]:
+    """A native chunk's stage times plus ``steps`` (the four denoising forwards) and ``dit``
+    (prefill + kv_move + steps; kv_move exists in reuse mode only)."""
+    t = dict(stages)
+    t["steps"] = sum(v for k, v in t.items() if k.startswith("step"))
+    t.setdefault("prefill", 0.0)
+    t["dit"] = t["prefill"] + t.get("kv_move", 0.0) + t["steps"]
+    return t
+
+
 def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, image_path: Path,
                    text: torch.Tensor, trajectory: Trajectory, device: torch.device, *,
                    desc: str = "", progress: bool = True, accel_out: dict | None = None) -> Iterator[LegChunk]:
@@ -245,11 +255,7 @@ def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, 
     stream = pipe.rollout(image, text, trajectory, leg.settings(cfg))
     for out in tqdm(stream, total=cfg.num_chunk, desc=desc or leg.name, unit="chunk", disable=not progress,
                     leave=False):
-        t = dict(out.timings_ms)
-        steps = sum(v for k, v in t.items() if k.startswith("step"))
-        t["steps"] = steps
-        t.setdefault("prefill", 0.0)
-        t["dit"] = t["prefill"] + t.get("kv_move", 0.0) + steps  # kv_move: reuse mode only
+        t = _leg_timings(out.timings_ms)
         t["total"] = t["dit"] + t["decode"]
         yield LegChunk(
             index=out.index,
@@ -284,11 +290,7 @@ def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: Experime
     build = functools.partial(_build_for_pipeline, weights, cfg.preset)
     chunks, accel = pipelined_rollout(build, image, text, trajectory, leg.settings(cfg), keep_frames=False)
     for out in chunks:
-        t = dict(out.timings_ms)
-        steps = sum(v for k, v in t.items() if k.startswith("step"))
-        t["steps"] = steps
-        t.setdefault("prefill", 0.0)
-        t["dit"] = t["prefill"] + t.get("kv_move", 0.0) + steps
+        t = _leg_timings(out.timings_ms)
         t["total"] = t.get("pipelined", t["dit"] + t["decode"])
         yield LegChunk(index=out.index, frames=np.zeros((0, height, width, 3), np.uint8), latents=out.latents,
                        timings_ms=t, memory_indices=out.memory_indices)

@@ -65,16 +65,12 @@ def run(ctx: RunContext) -> KindOutput:
                       "peak_memory": {}, "rollout_wall_s": []}
     for rep in range(cfg.repetitions):
         for name in native:
-            leg = native_leg(name, ctx.device.type)
-            t0 = time.perf_counter()
             accel: dict = {}
+            stream = native_rollout(models, native_leg(name, ctx.device.type), cfg, image_path, text, trajectory,
+                                    ctx.device, desc=f"{name} rep {rep + 1}/{cfg.repetitions}",
+                                    progress=ctx.progress, accel_out=accel)
             with peak_memory(ctx.device) as peak:
-                for chunk in native_rollout(models, leg, cfg, image_path, text, trajectory, ctx.device,
-                                            desc=f"{name} rep {rep + 1}/{cfg.repetitions}", progress=ctx.progress,
-                                            accel_out=accel):
-                    timings[name].append((rep, _light(chunk)))
-            legs[name].setdefault("accel", []).append(accel)
-            legs[name]["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
+                _record_rollout(legs[name], timings[name], rep, stream, accel)
             _merge_peak(legs[name]["peak_memory"], peak)
             _free(ctx.device)  # the next leg starts from an empty cache (fragmentation caused OOMs)
 
@@ -88,13 +84,10 @@ def run(ctx: RunContext) -> KindOutput:
     _free(ctx.device)
     for rep in range(cfg.repetitions):
         for name in pipelined:
-            t0 = time.perf_counter()
             accel = {}
-            for chunk in pipelined_native_rollout(cfg.weights, native_leg(name, ctx.device.type), cfg, image_path,
-                                                  text, trajectory, accel_out=accel):
-                timings[name].append((rep, _light(chunk)))
-            legs[name].setdefault("accel", []).append(accel)
-            legs[name]["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
+            stream = pipelined_native_rollout(cfg.weights, native_leg(name, ctx.device.type), cfg, image_path, text,
+                                              trajectory, accel_out=accel)
+            _record_rollout(legs[name], timings[name], rep, stream, accel)
             legs[name]["devices"] = ["cuda:0 (DiT)", "cuda:1 (VAE decode)"]
     if OFFICIAL_LEG in cfg.legs:
         if ctx.skip_official:
@@ -134,6 +127,16 @@ def run(ctx: RunContext) -> KindOutput:
         "flop_floor": _floor(flops, cfg, rate),
     }
     return KindOutput(summary=summary, chunk_rows=rows, provenance=provenance)
+
+
+def _record_rollout(entry: dict[str, Any], into: list, rep: int, stream, accel: dict) -> None:
+    """Run one rollout of a native leg (``stream`` yields its chunks and fills ``accel`` at the
+    end): keep its chunks' timings, its accel counters and its wall time."""
+    t0 = time.perf_counter()
+    for chunk in stream:
+        into.append((rep, _light(chunk)))
+    entry.setdefault("accel", []).append(accel)
+    entry["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
 
 
 def _light(chunk: LegChunk) -> LegChunk:
