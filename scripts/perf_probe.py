@@ -8,6 +8,8 @@
   row-wise scales), TFLOP/s, plus the bf16 8192^3 ceiling;
 * ``rollouts``: w-27, 7 chunks, steady chunks 4-6 (medians), fastest settings with each
   attention backend and memory mode, with accel counters and latent error vs the first;
+* ``fused``: worldplay.nn.fused at the steady chunk's shapes (agreement with the reference,
+  time against the unfused work, the GELU epilogue);
 * ``profile``: kernel time of one steady chunk, compiled blocks without graphs (so the
   kernels are visible), grouped into attention / GEMM / fused elementwise / copies / other.
 
@@ -136,6 +138,99 @@ def _gemm_row(m: int, k: int, n: int) -> dict:
     return res
 
 
+def section_fused() -> dict:
+    """worldplay.nn.fused at the steady chunk's shapes: the Triton rotate/store kernel against
+    the eager reference (agreement) and against inductor's fusion of the same work plus the
+    eager stores (time), and the GELU epilogue GEMM against GEMM + GELU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out: dict = {}
+    for name, frames in (("prefill", 16), ("step", 4)):
+        out[name] = _rotate_case(frames, g)
+        print("fused", name, json.dumps(out[name]), flush=True)
+    for name, m in (("prefill", 14080), ("step", 3520)):
+        out[f"gelu_{name}"] = _gelu_case(m, g)
+        print("fused", f"gelu_{name}", json.dumps(out[f"gelu_{name}"]), flush=True)
+    return out
+
+
+def _rotate_case(frames: int, g, slots: int = 20) -> dict:
+    from worldplay.nn.fused import rotate_and_store, rotate_and_store_reference
+    from worldplay.nn.prope import PRoPE, apply_per_frame
+    from worldplay.nn.rope import apply_rope, rope_tables
+
+    heads, d, width, per_frame, bf16 = 24, 128, 3072, 880, torch.bfloat16
+    length = frames * per_frame
+    q, k, v = (torch.randn(1, length, width, device="cuda", dtype=bf16, generator=g) * 2 for _ in range(3))
+    w_q = (1 + 0.1 * torch.randn(width, device="cuda", generator=g)).to(bf16)
+    w_k = torch.ones(width, device="cuda", dtype=bf16)
+    cos, sin = rope_tables(torch.arange(frames, dtype=torch.float64), 22, 40, d)
+    rope = (cos.cuda(), sin.cuda())
+    view = torch.eye(4, device="cuda").repeat(1, frames, 1, 1)
+    view[..., :3, 3] = torch.randn(1, frames, 3, device="cuda", generator=g)
+    intr = torch.tensor([[0.9, 0, 0.5], [0, 1.6, 0.5], [0, 0, 1]], device="cuda").expand(1, frames, 3, 3)
+    prope = PRoPE.from_cameras(view, intr, bf16)
+    write = slice((slots - frames) * per_frame, slots * per_frame)
+
+    def buffers():
+        return tuple(torch.zeros(2, slots * per_frame, heads, d, device="cuda", dtype=bf16) for _ in range(2))
+
+    ref_buf, fused_buf, buf = buffers(), buffers(), buffers()
+    ref_q = rotate_and_store_reference(q, k, v, w_q, w_k, 1e-6, rope, prope, ref_buf, write, heads)
+    fused_q = rotate_and_store(q, k, v, w_q, w_k, 1e-6, rope, prope, fused_buf, write, heads)
+    agree = {}
+    for label, a, b in (("q", ref_q, fused_q), ("k", ref_buf[0], fused_buf[0]), ("v", ref_buf[1], fused_buf[1])):
+        diff = (a.float() - b.float()).abs()
+        agree[label] = {"frac_differ": float((diff > 0).float().mean()), "max_abs": float(diff.max()),
+                        "rel_err": float(diff.norm() / a.float().norm())}
+
+    def norm(x, w):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf16) * w
+
+    def unfused_math(q, k, v):  # what the compiled blocks fuse today (both branches)
+        qn, kn = norm(q, w_q).unflatten(-1, (heads, -1)), norm(k, w_k).unflatten(-1, (heads, -1))
+        vh = v.unflatten(-1, (heads, -1))
+        q_all = torch.cat([apply_rope(qn, *rope), apply_per_frame(qn, prope.q)])
+        return q_all, (apply_rope(kn, *rope), apply_per_frame(kn, prope.kv)), (vh, apply_per_frame(vh, prope.kv))
+
+    compiled = torch.compile(unfused_math, dynamic=False)
+
+    def unfused():
+        _, ks, vs = compiled(q, k, v)
+        for i in range(2):
+            buf[0][i:i + 1, write].copy_(ks[i])
+            buf[1][i:i + 1, write].copy_(vs[i])
+
+    t_unfused = cuda_ms(unfused, reps=20)
+    t_fused = cuda_ms(lambda: rotate_and_store(q, k, v, w_q, w_k, 1e-6, rope, prope, fused_buf, write, heads), reps=20)
+    nbytes = 9 * length * width * 2
+    return {"tokens": length, "unfused_ms": round(t_unfused, 3), "fused_ms": round(t_fused, 3),
+            "fused_GBps": round(nbytes / t_fused / 1e6, 1), "unfused_GBps": round(nbytes / t_unfused / 1e6, 1),
+            "agreement": agree}
+
+
+def _gelu_case(m: int, g) -> dict:
+    from worldplay.nn.fused import linear_gelu_tanh
+
+    bf16 = torch.bfloat16
+    x = torch.randn(m, 3072, device="cuda", dtype=bf16, generator=g)
+    w = torch.randn(14336, 3072, device="cuda", dtype=bf16, generator=g) / 3072**0.5
+    b = torch.randn(14336, device="cuda", dtype=bf16, generator=g) * 0.1
+    ref32 = F.gelu(x.float() @ w.float().t() + b.float(), approximate="tanh")
+
+    def err(y):
+        return float((y.float() - ref32).norm() / ref32.norm())
+
+    return {
+        "linear_then_gelu_ms": round(cuda_ms(lambda: F.gelu(F.linear(x, w, b), approximate="tanh"), reps=20), 3),
+        "epilogue_ms": round(cuda_ms(lambda: linear_gelu_tanh(x, w, b), reps=20), 3),
+        "linear_only_ms": round(cuda_ms(lambda: F.linear(x, w, b), reps=20), 3),
+        "rel_err_two_pass": err(F.gelu(F.linear(x, w, b), approximate="tanh")),
+        "rel_err_epilogue": err(linear_gelu_tanh(x, w, b)),
+        "rel_err_erf_gelu": err(F.gelu(F.linear(x, w, b))),
+    }
+
+
 def build():
     from worldplay.models import random_models, random_text_states
 
@@ -179,8 +274,10 @@ def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
 
         gc.collect()
         torch.cuda.empty_cache()
+        settings = dict(v)
+        torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)  # a probe-only switch
         try:
-            res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **v)
+            res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **settings)
             if base is None:
                 base = lat
             res["latent_rel_err_vs_first"] = [float((a - b).norm() / b.norm()) for a, b in zip(lat, base, strict=True)]
@@ -217,7 +314,8 @@ def section_profile(pipe, image, text, backend: str) -> dict:
     from worldplay.rollout import RolloutSettings
 
     traj = trajectory_from_pose_string("w-27")
-    settings = RolloutSettings(num_chunk=6, accel="compile", attention_backend=backend, fast_decode=True)
+    settings = RolloutSettings(num_chunk=6, accel="compile", attention_backend=backend, fast_decode=True,
+                               fused_kernels=ARGS.profile_fused)
     gen = pipe.rollout(image, text, traj, settings)
     for _ in range(5):
         next(gen)
@@ -252,6 +350,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sections", default="attn,gemm,rollouts,profile")
     ap.add_argument("--profile-backend", default="cudnn")
+    ap.add_argument("--profile-fused", action="store_true", help="profile with fused_kernels")
     ARGS = ap.parse_args()
     sections = ARGS.sections.split(",")
     RESULTS["gpu"] = torch.cuda.get_device_name()
@@ -267,6 +366,13 @@ def main() -> None:
     if "gemm" in sections:
         RESULTS["gemm"] = section_gemm()
         save(ARGS.out)
+    if "fused" in sections:
+        try:
+            RESULTS["fused"] = section_fused()
+        except Exception:  # noqa: BLE001
+            RESULTS["fused"] = {"error": traceback.format_exc()[-3000:]}
+            print(RESULTS["fused"]["error"], flush=True)
+        save(ARGS.out)
     if "rollouts" in sections or "profile" in sections:
         from worldplay.rollout import WorldPlayPipeline
 
@@ -281,12 +387,10 @@ def main() -> None:
             save(ARGS.out)
         if "rollouts" in sections:
             best = "fa4" if fa4 else "cudnn"
-            variants = [{"attention_backend": "cudnn"}]
-            if fa4:
-                variants.append({"attention_backend": "fa4"})
-            variants += [{"attention_backend": best, "memory_mode": "reuse"},
-                         {"attention_backend": best, "linear_dtype": "fp8"},
-                         {"attention_backend": best, "memory_mode": "reuse", "linear_dtype": "fp8"}]
+            fused = {"attention_backend": best, "fused_kernels": True}
+            variants = [{"attention_backend": best}, fused, {**fused, "cudnn_benchmark": True},
+                        {**fused, "memory_mode": "reuse"}, {**fused, "linear_dtype": "fp8"},
+                        {**fused, "memory_mode": "reuse", "linear_dtype": "fp8"}]
             section_rollouts(pipe, image, text, variants)
     save(ARGS.out)
     print("\nvariant | prefill | 4 steps | DiT | decode | total | replays/captures/recompiles | max latent err")

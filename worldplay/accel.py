@@ -73,12 +73,13 @@ class _Graph:
 class DiTRunner:
     """The two DiT calls of a chunk (memory prefill, denoising step) in the chosen mode."""
 
-    def __init__(self, dit: WanDiT, mode: str, backend: str):
+    def __init__(self, dit: WanDiT, mode: str, backend: str, fused: bool = False):
         if mode not in ACCEL_MODES:
             raise ValueError(f"accel mode {mode!r} unknown; choose one of {ACCEL_MODES}")
         self.dit = dit
         self.mode = mode
         self.backend = backend
+        self.fused = fused  # worldplay.nn.fused kernels
         self.stats = AccelStats()
         self._compiled = torch.compile(_call_block, dynamic=False) if "compile" in mode else None
         self._graphs: dict[str, _Graph] = {}
@@ -99,7 +100,7 @@ class DiTRunner:
     def prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> None:
         def run(i):
             self.dit(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv, write=kv.memory_tokens(n_mem),
-                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend,
+                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend, fused_kernels=self.fused,
                      block_fn=self._block_fn(n_mem), **{k: i[k] for k in cams})
 
         self._call("prefill", self._use_graphs(latents.device, n_mem), run,
@@ -108,7 +109,7 @@ class DiTRunner:
     def step(self, x, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> torch.Tensor:
         def run(i):
             return self.dit(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv, write=kv.chunk_tokens(),
-                            read=kv.attended_tokens(n_mem), attention_backend=self.backend,
+                            read=kv.attended_tokens(n_mem), attention_backend=self.backend, fused_kernels=self.fused,
                             block_fn=self._block_fn(n_mem), **{k: i[k] for k in cams})
 
         return self._call("step", self._use_graphs(x.device, n_mem), run, {"latents": x, "timesteps": timesteps, **cams})
@@ -124,7 +125,7 @@ class DiTRunner:
 
         def run(i):
             self.dit(i["latents"], i["timesteps"], text, rope=(i["cos"], i["sin"]), kv_buffers=kv, write=i["write"],
-                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend,
+                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend, fused_kernels=self.fused,
                      block_fn=self._block_fn(n_mem) if common else self._eager(), **{k: i[k] for k in cams})
 
         self._call("partial", common and self._use_graphs(latents.device, n_mem), run,

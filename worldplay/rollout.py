@@ -75,6 +75,10 @@ class RolloutSettings:
     # "fp8": the DiT blocks' linear layers in e4m3 with per-row scales (worldplay.nn.fp8), a fast
     # approximation whose drift is measured; "bf16": the model dtype (exact).
     linear_dtype: str = "bf16"
+    # worldplay.nn.fused: q/k norm + RoPE + PRoPE + K/V store in one Triton pass and the FFN's
+    # GELU in its GEMM epilogue (CUDA; exact up to the order of float32 sums). Elsewhere the
+    # same PyTorch code runs.
+    fused_kernels: bool = False
     # False: no VAE decode here (frames come back empty); the clean latents are handed on in
     # ChunkOutput.device_latents, e.g. to a decoder on another GPU (worldplay.pipelined).
     decode: bool = True
@@ -235,7 +239,7 @@ class WorldPlayPipeline:
                         if settings.decode else None)
         timesteps, sigmas = distilled_schedule()
         timer = StageTimer(dev)
-        runner = DiTRunner(dit, settings.accel, settings.attention_backend)
+        runner = DiTRunner(dit, settings.accel, settings.attention_backend, settings.fused_kernels)
         if settings.fast_decode != bool(self.vae.fast_decode):
             if settings.fast_decode:
                 self.vae.enable_fast_decode()

@@ -49,8 +49,9 @@ def fastest_settings(device_type: str) -> dict[str, Any]:
 
     On CUDA: FlashAttention-4 (the optional ``flash-attn-4`` package, 8-12 % faster than cuDNN on
     the H100 for these shapes) where it imports, else cuDNN attention; compiled blocks, the
-    steady-state prefill and steps as CUDA-graph replays, and the channels-last compiled VAE
-    decoder (notes/perf.md has the measurements). The result records the backend used.
+    steady-state prefill and steps as CUDA-graph replays, the fused q/k/v and GELU kernels
+    (``worldplay.nn.fused``), and the channels-last compiled VAE decoder (notes/perf.md has the
+    measurements). The result records the backend used.
     On the CPU cuDNN attention and CUDA graphs do not exist; the dispatcher's choice (``sdpa``)
     stands in, eagerly, and the result says so.
     """
@@ -58,7 +59,7 @@ def fastest_settings(device_type: str) -> dict[str, Any]:
         from ..nn.attention import fa4_usable
 
         backend = "fa4" if fa4_usable() else "cudnn"
-        return {"attention_backend": backend, "accel": "compile+graphs", "fast_decode": True}
+        return {"attention_backend": backend, "accel": "compile+graphs", "fast_decode": True, "fused_kernels": True}
     return {"attention_backend": "sdpa"}
 
 

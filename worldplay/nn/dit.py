@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config import DiTConfig
 from .attention import attention
+from .fused import linear_gelu_tanh, rotate_and_store
 from .prope import PRoPE, apply_per_frame
 from .rope import apply_rope, rope_tables
 
@@ -111,6 +112,9 @@ class SelfAttnInputs:
     write: slice | torch.Tensor | None = None  # token range, or token indices (LongTensor)
     read: slice | None = None
     mask: torch.Tensor | None = None  # boolean keep-mask [Lq, Lk] (tests and references only)
+    # worldplay.nn.fused: one pass for q/k norm, RoPE, PRoPE and the K/V store (with a K/V
+    # buffer), and the FFN's GELU in its GEMM epilogue.
+    fused: bool = False
 
 
 def _store(ks, vs, kv_buffer, write: slice | torch.Tensor, batch: int) -> None:
@@ -139,6 +143,20 @@ def _attend_cached(q_all, ks, vs, kv_buffer, write, read: slice, batch: int, bac
     _store(ks, vs, kv_buffer, write, batch)
     k_all, v_all = kv_buffer[0][:, read], kv_buffer[1][:, read]
     o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend, mask=mask)
+    return o.transpose(1, 2)  # [branches*B, L, H, d]
+
+
+@torch.compiler.disable
+def _fused_attend_cached(attn, q, k, v, inputs: SelfAttnInputs, kv_buffer, backend: str):
+    """:func:`_attend_cached` with the q/k/v post-processing fused into the store
+    (:func:`worldplay.nn.fused.rotate_and_store`); ``q`` None: store only."""
+    q_all = rotate_and_store(q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, inputs.rope,
+                             inputs.prope, kv_buffer, inputs.write, attn.heads)
+    if q_all is None:
+        return None
+    k_all, v_all = kv_buffer[0][:, inputs.read], kv_buffer[1][:, inputs.read]
+    o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend,
+                  mask=inputs.mask)
     return o.transpose(1, 2)  # [branches*B, L, H, d]
 
 
@@ -176,6 +194,9 @@ class SelfAttention(_Attention):
         self, x: torch.Tensor, inputs: SelfAttnInputs, kv_buffer: tuple[torch.Tensor, torch.Tensor]
     ) -> None:
         batch = x.shape[0]
+        if inputs.fused:
+            _fused_attend_cached(self, None, self.to_k(x), self.to_v(x), inputs, kv_buffer, "sdpa")
+            return
         k = self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1))
         v = self.to_v(x).unflatten(-1, (self.heads, -1))
         ks, vs = [apply_rope(k, *inputs.rope)], [v]
@@ -192,6 +213,9 @@ class SelfAttention(_Attention):
         backend: str,
     ) -> torch.Tensor:
         batch = x.shape[0]
+        if inputs.fused and kv_buffer is not None:
+            o = _fused_attend_cached(self, self.to_q(x), self.to_k(x), self.to_v(x), inputs, kv_buffer, backend)
+            return self._output(o, inputs, batch)
         q, k, v = self.project(x)
         qs, ks, vs = [apply_rope(q, *inputs.rope)], [apply_rope(k, *inputs.rope)], [v]
         if inputs.prope is not None:
@@ -210,6 +234,10 @@ class SelfAttention(_Attention):
             ).transpose(1, 2)  # [branches*B, L, H, d]
         else:
             o = _attend_cached(q_all, ks, vs, kv_buffer, inputs.write, inputs.read, batch, backend, inputs.mask)
+        return self._output(o, inputs, batch)
+
+    def _output(self, o: torch.Tensor, inputs: SelfAttnInputs, batch: int) -> torch.Tensor:
+        """Both branches' attention output ``[branches*B, L, H, d]`` -> ``[B, L, D]``."""
         out = self.to_out[0](o[:batch].flatten(2))
         if inputs.prope is not None:
             o_p = apply_per_frame(o[batch:], inputs.prope.o)
@@ -247,7 +275,10 @@ class FeedForward(nn.Module):
         # Index 1 is diffusers' (parameter-free) dropout; keeping the slot keeps the key names.
         self.net = nn.ModuleList([_GeluTanhProj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        up = self.net[0].proj
+        if fused and type(up) is nn.Linear:  # not when fp8_linears has swapped it
+            return self.net[2](linear_gelu_tanh(x, up.weight, up.bias))
         return self.net[2](self.net[0](x))
 
 
@@ -294,7 +325,7 @@ class Block(nn.Module):
         x = x + self.attn2(y.to(dtype), text_kv, backend)
 
         y = (frames(_layer_norm32(x, self.eps)) * (1 + scale2) + shift2).to(dtype)
-        ff = self.ffn(y.flatten(1, 2))
+        ff = self.ffn(y.flatten(1, 2), fused=attn_inputs.fused)
         return (frames(x.float()) + frames(ff.float()) * gate2).to(dtype).flatten(1, 2)
 
     def write_kv_only(
@@ -420,6 +451,7 @@ class WanDiT(nn.Module):
         attention_backend: str = "sdpa",
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         block_fn=None,
+        fused_kernels: bool = False,
     ) -> torch.Tensor | None:
         """Predict the flow-matching velocity of ``latents [B, C, F, H, W]``.
 
@@ -435,6 +467,7 @@ class WanDiT(nn.Module):
         ``rope``: precomputed tables (:meth:`rope_for`) instead of ``frame_positions`` (static
         inputs for CUDA-graph capture). ``block_fn(block, x, e, text_kv, inputs, backend, kv)``
         replaces the plain block call (e.g. a function compiled with ``torch.compile``).
+        ``fused_kernels``: :mod:`worldplay.nn.fused` (CUDA; elsewhere the same PyTorch code).
         """
         b, _, num_frames, height, width = latents.shape
         if rope is None:
@@ -445,7 +478,8 @@ class WanDiT(nn.Module):
             if intrinsics is None:
                 raise ValueError("viewmats given without intrinsics")
             prope = PRoPE.from_cameras(viewmats, intrinsics, self.dtype)
-        inputs = SelfAttnInputs(rope=(cos, sin), prope=prope, write=write, read=read, mask=attn_mask)
+        inputs = SelfAttnInputs(rope=(cos, sin), prope=prope, write=write, read=read, mask=attn_mask,
+                                fused=fused_kernels)
         if (kv_buffers is None) != (write is None):
             raise ValueError("kv_buffers and write/read go together")
         ctx = text if isinstance(text, TextContext) else self.text_context(text)
