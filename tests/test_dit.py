@@ -157,3 +157,7 @@ def test_rotate_temporal_equals_full_rope_rotation_by_temporal_tables():
     part = rotate_temporal(x.clone(), cos, sin)
     assert torch.equal(full, part)
     assert not torch.equal(part, x)  # the temporal features did move
+    # One table row per frame, broadcast over its 5 tokens (what the reuse mode passes).
+    cos1, sin1 = temporal_rotation_tables(torch.tensor([-4.0, 2.0, 0.0], dtype=torch.float64), 1, 128)
+    per_frame = rotate_temporal(x.clone().unflatten(1, (3, 5)), cos1[:, None], sin1[:, None])
+    assert torch.equal(per_frame.flatten(1, 2), full)

@@ -341,15 +341,19 @@ class WorldPlayPipeline:
         for f, slot in kept.items():
             deltas[slot - base] = rank[f] - reuse.positions[f]
         if deltas.any():
-            cos, sin = temporal_rotation_tables(deltas, tokens, cfg.attention_head_dim)
+            # One table row per frame, broadcast over its tokens on the device: per-token tables
+            # (float64 on the host, 3.6 MB copied per chunk) left the GPU idle for 16-110 ms
+            # while the host built them (bench-h100x2, notes/perf.md).
+            cos, sin = temporal_rotation_tables(deltas, 1, cfg.attention_head_dim)
             if dit.rope_table_dtype is not None:
                 cos, sin = cos.to(dit.rope_table_dtype).float(), sin.to(dit.rope_table_dtype).float()
-            cos, sin = cos.to(dev), sin.to(dev)
+            cos, sin = cos[:, None].to(dev), sin[:, None].to(dev)  # [n, 1, d/2]
             batch = kv.k.shape[1] // 2  # rows [0, B): RoPE branch; [B, 2B): PRoPE branch (position-free)
             block = kv.memory_tokens(n)
             group = 6  # layers per pass: bounds the float32 temporaries (~1.5 GB at 704x1280)
             for l0 in range(0, cfg.num_layers, group):
-                rotate_temporal(kv.k[l0 : l0 + group, :batch, block], cos, sin)
+                keys = kv.k[l0 : l0 + group, :batch, block].unflatten(2, (n, tokens))  # [.., n, S, H, d]
+                rotate_temporal(keys, cos, sin)
         if timer is not None:
             timer.mark("kv_move")
         if missing:

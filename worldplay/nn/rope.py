@@ -85,7 +85,8 @@ def temporal_rotation_tables(
 def rotate_temporal(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """:func:`apply_rope` with tables from :func:`temporal_rotation_tables`, touching only the
     temporal features (the others would be rotated by angle 0, which is exact): ``x [..., L, H, d]``,
-    tables ``[L, t_dim/2]`` or ``[L, d/2]``; rotated in place and returned."""
+    tables ``[L, t_dim/2]`` or ``[L, d/2]``, or one row per frame ``[F, 1, d/2]`` against
+    ``x [..., F, S, H, d]`` (broadcast over the frame's tokens); rotated in place and returned."""
     t_half = rope_axis_dims(x.shape[-1])[0] // 2
     c = cos[..., :t_half][:, None, :]
     s = sin[..., :t_half][:, None, :]
