@@ -40,7 +40,8 @@ from . import TINY_LABEL, SiteError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SITE_CONFIG = REPO_ROOT / "docs" / "site.toml"
-MODEL_CARD_ROLES = {"bench": "bench", "drift": "drift", "fast_modes": "drift", "parity": "parity", "gallery": "rollouts"}
+MODEL_CARD_ROLES = {"bench": "bench", "realtime": "bench", "drift": "drift", "fast_modes": "drift", "parity": "parity",
+                    "gallery": "rollouts"}
 
 
 @dataclass(frozen=True)
