@@ -4,7 +4,7 @@ Profiled at 704x1280 (notes/perf.md), the work between the q/k/v GEMMs and the a
 RMSNorm of q and k, RoPE, PRoPE's per-frame transforms of q, k and v, and the copies of both
 branches' keys/values into the memory buffer — took ~75 ms per steady chunk in three passes at
 a quarter of the memory bandwidth. :func:`rotate_and_store` does it in one pass (a Triton
-kernel on CUDA), writing keys/values straight into the buffer. :func:`linear_gelu_tanh` moves
+kernel on CUDA), writing keys/values straight into the buffer. ``linear_gelu_tanh`` moves
 the FFN's GELU into the GEMM epilogue (cuBLASLt) instead of a separate pass over its output.
 
 Both compute what the unfused code computes, with float32 intermediates rounded at the same

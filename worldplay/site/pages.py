@@ -662,6 +662,9 @@ FAST_MODE_INTROS = {
     "native-fp8": "**FP8 linears** (`linear_dtype=\"fp8\"`) run the DiT blocks' linear layers in e4m3 with "
     "per-row scales (weights per output channel, activations per token). Its deviation from the bf16 "
     "pipeline, from ",
+    "native-reuse-fp8": "**Reuse + FP8** (`memory_mode=\"reuse\"`, `linear_dtype=\"fp8\"`), the fastest mode and the "
+    "two-GPU real-time leg's settings: both approximations at once. Its deviation from the exact bf16 pipeline, "
+    "from ",
 }
 
 
