@@ -10,6 +10,7 @@
   attention backend and memory mode, with accel counters and latent error vs the first;
 * ``fused``: worldplay.nn.fused at the steady chunk's shapes (agreement with the reference,
   time against the unfused work, the GELU epilogue);
+* ``decode``: the steady VAE decode alone with each fast-decode option, and its kernel profile;
 * ``profile``: kernel time of one steady chunk, compiled blocks without graphs (so the
   kernels are visible), grouped into attention / GEMM / fused elementwise / copies / other.
 
@@ -231,6 +232,44 @@ def _gelu_case(m: int, g) -> dict:
     }
 
 
+def section_decode(vae) -> dict:
+    """The steady VAE decode alone (16 frames at 704x1280): its time with each fast-decode
+    option, and a kernel profile of the fastest, to place the time beyond the convolutions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    latents = torch.randn(1, 48, 4, 44, 80, device="cuda", dtype=torch.bfloat16, generator=g)
+    out: dict = {}
+    variants = {"eager": {}, "channels_last": {"compile": False, "channels_last": True},
+                "compile": {"compile": True, "channels_last": False},
+                "compile+channels_last": {"compile": True, "channels_last": True}}
+    for name, opts in variants.items():
+        vae.disable_fast_decode()
+        if opts:
+            vae.enable_fast_decode(**opts)
+        state = vae.new_decode_state(1, 44, 80)
+        for _ in range(3):  # the fresh call, then steady calls (compile)
+            vae.decode(latents, state)
+        out[name] = round(cuda_ms(lambda state=state: vae.decode(latents, state), reps=5, warmup=1), 2)
+        print("decode", name, out[name], flush=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        vae.decode(latents, state)
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            rec = kernels.setdefault(evt.name, [0.0, 0])
+            rec[0] += evt.device_time / 1e3
+            rec[1] += 1
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    out["profile_total_ms"] = round(sum(ms for ms, _ in kernels.values()), 2)
+    out["top_kernels"] = [{"name": n[:160], "ms": round(ms, 2), "calls": c} for n, (ms, c) in top]
+    for row in out["top_kernels"][:30]:
+        print(f"  {row['ms']:9.2f} ms {row['calls']:6d}  {row['name'][:120]}", flush=True)
+    return out
+
+
 def build():
     from worldplay.models import random_models, random_text_states
 
@@ -373,10 +412,18 @@ def main() -> None:
             RESULTS["fused"] = {"error": traceback.format_exc()[-3000:]}
             print(RESULTS["fused"]["error"], flush=True)
         save(ARGS.out)
-    if "rollouts" in sections or "profile" in sections:
+    if "rollouts" in sections or "profile" in sections or "decode" in sections:
         from worldplay.rollout import WorldPlayPipeline
 
         models, image, text = build()
+        if "decode" in sections:
+            try:
+                RESULTS["decode"] = section_decode(models.vae)
+            except Exception:  # noqa: BLE001
+                RESULTS["decode"] = {"error": traceback.format_exc()[-3000:]}
+                print(RESULTS["decode"]["error"], flush=True)
+            models.vae.disable_fast_decode()
+            save(ARGS.out)
         pipe = WorldPlayPipeline(models.dit, models.vae, device="cuda")
         if "profile" in sections:
             try:
