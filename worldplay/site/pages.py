@@ -292,8 +292,9 @@ def bench_leg_table(exp: Experiment, caption: str) -> str:
             # The FLOP counts are the exact pipeline's; a reuse leg does less work, so no rate.
             "TFLOP/s (total)": ("n/a (reuse)" if settings.get("memory_mode") == "reuse"
                                 else _num(leg.get("achieved", {}).get("total", {}).get("tflops"), "{:.3g}")),
-            "settings": ", ".join(f"{k}={settings[k]}" for k in ("dtype", "accel", "attention_backend", "fast_decode",
-                                                                 "memory_mode", "compile") if k in settings),
+            "settings": ", ".join(f"{k}={settings[k]}" for k in ("dtype", "accel", "attention_backend", "fused_kernels",
+                                                                 "fast_decode", "memory_mode", "linear_dtype",
+                                                                 "compile") if k in settings),
         })
     return markdown_table(pd.DataFrame(rows), caption=caption, align={"settings": "l", "peak memory": "l"})
 
