@@ -242,7 +242,8 @@ def section_decode(vae) -> dict:
     out: dict = {}
     variants = {"eager": {}, "channels_last": {"compile": False, "channels_last": True},
                 "compile": {"compile": True, "channels_last": False},
-                "compile+channels_last": {"compile": True, "channels_last": True}}
+                "compile+channels_last+graphs": {"compile": True, "channels_last": True, "graphs": True},
+                "compile+channels_last": {"compile": True, "channels_last": True}}  # last: profiled below
     for name, opts in variants.items():
         vae.disable_fast_decode()
         if opts:

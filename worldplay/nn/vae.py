@@ -131,6 +131,48 @@ class CausalState:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
 
+def _graphs_possible(buffer: torch.Tensor) -> bool:
+    return buffer.is_cuda
+
+
+class _DecodeGraph:
+    """A stream's steady decode call, captured once and replayed for every later latent group.
+
+    The call updates the history buffers in place, so the warm-up call that capture needs (on a
+    side stream, outside the capture) would advance the stream: the buffers are saved before it
+    and restored after. Capture itself runs no kernels. The output is copied out at every replay
+    (the captured one is overwritten by the next)."""
+
+    def __init__(self, fn, static_in: torch.Tensor, buffers: list[torch.Tensor]):
+        self.static_in = static_in
+        saved = [b.clone() for b in buffers]
+        self._warm_up(fn)
+        for b, s in zip(buffers, saved, strict=True):
+            b.copy_(s)
+        del saved
+        self._capture(fn)
+
+    def _warm_up(self, fn) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def _capture(self, fn) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn()
+
+    def _replay(self) -> None:
+        self.graph.replay()
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(latents)
+        self._replay()
+        return self.output.clone()
+
+
 class DecodeState(CausalState):
     """Streaming state of the decoder for one rollout: batch size and latent grid are fixed."""
 
@@ -719,14 +761,16 @@ class WanVAE(nn.Module):
         )
         return DecodeState(buffers, batch, latent_h, latent_w)
 
-    def enable_fast_decode(self, compile: bool = True, channels_last: bool = True) -> None:
+    def enable_fast_decode(self, compile: bool = True, channels_last: bool = True, graphs: bool = False) -> None:
         """Speed options for the steady-state decode (same function, different kernels):
         ``channels_last`` stores conv weights, activations and history buffers as NDHWC, which
         cuDNN's implicit-GEMM convolutions use natively (no layout transposes);
         ``compile`` runs the decoder through ``torch.compile`` once a stream is past its first
         latent (the fresh first call has other shapes and runs eagerly), fusing the RMS norms,
-        SiLUs and residual adds around the convolutions."""
-        self.fast_decode = {"compile": compile, "channels_last": channels_last}
+        SiLUs and residual adds around the convolutions; ``graphs`` (CUDA) captures a stream's
+        first steady call as a CUDA graph and replays it for the later ones (the history
+        buffers never move, so one graph serves the whole stream)."""
+        self.fast_decode = {"compile": compile, "channels_last": channels_last, "graphs": graphs}
         if channels_last:
             for module in self.decoder.modules():
                 if isinstance(module, nn.Conv3d):
@@ -767,6 +811,20 @@ class WanVAE(nn.Module):
         buf = state.buffers[0]
         if latents.device != buf.device:
             raise ValueError(f"latents are on {latents.device}, the decode state is on {buf.device}")
+        if self.fast_decode.get("graphs") and not state.fresh and _graphs_possible(buf):
+            # A graph belongs to one state, one input shape and one decoder setup.
+            key = (id(self), tuple(latents.shape), id(self._compiled_decoder), self.fast_decode.get("channels_last"))
+            graph = getattr(state, "graph", None)
+            if graph is None or graph.key != key:
+                static_in = latents.clone()
+                graph = state.graph = _DecodeGraph(lambda: self._decode_call(static_in, state), static_in,
+                                                   state.buffers)
+                graph.key = key
+            return graph(latents)
+        return self._decode_call(latents, state)
+
+    def _decode_call(self, latents: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        buf = state.buffers[0]
         x = self.post_quant_conv(self.denormalize_latents(latents.to(buf.dtype)))
         if self.fast_decode.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last_3d)
