@@ -495,3 +495,20 @@ def test_bench_and_drift_with_a_stand_in_official_leg(stand_in_official):
     dcfg = DriftConfig(**_common("d-tiny-cpu", "drift"), legs=("official", "native-eager"))
     out = drift.run(stand_in_official(dcfg))
     assert out.summary["comparison"]["official vs native-eager"]["mean_abs_diff"] == 0
+
+
+def test_fastest_settings_on_cuda_are_valid_and_use_every_fast_path(monkeypatch):
+    """The one definition of the native-fastest leg: on CUDA, FA4 where it imports (else cuDNN),
+    compiled blocks with CUDA graphs, the fused kernels and the fast decoder; every key must be
+    a RolloutSettings field (a typo would only show on the GPU)."""
+    import worldplay.nn.attention as attention_mod
+    from worldplay.experiments.legs import fastest_settings
+    from worldplay.rollout import RolloutSettings
+
+    for usable, backend in ((True, "fa4"), (False, "cudnn")):
+        monkeypatch.setattr(attention_mod, "fa4_usable", lambda usable=usable: usable)
+        settings = fastest_settings("cuda")
+        assert settings == {"attention_backend": backend, "accel": "compile+graphs", "fast_decode": True,
+                            "fused_kernels": True}
+        RolloutSettings(num_chunk=1, **settings)
+    assert fastest_settings("cpu") == {"attention_backend": "sdpa"}
