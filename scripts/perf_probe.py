@@ -155,7 +155,7 @@ def section_fused() -> dict:
 
 
 def _rotate_case(frames: int, g, slots: int = 20) -> dict:
-    from worldplay.nn.fused import rotate_and_store, rotate_and_store_reference
+    from worldplay.nn.fused import rms_norm, rotate_and_store, rotate_and_store_reference
     from worldplay.nn.prope import PRoPE, apply_per_frame
     from worldplay.nn.rope import apply_rope, rope_tables
 
@@ -184,12 +184,8 @@ def _rotate_case(frames: int, g, slots: int = 20) -> dict:
         agree[label] = {"frac_differ": float((diff > 0).float().mean()), "max_abs": float(diff.max()),
                         "rel_err": float(diff.norm() / a.float().norm())}
 
-    def norm(x, w):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf16) * w
-
     def unfused_math(q, k, v):  # what the compiled blocks fuse today (both branches)
-        qn, kn = norm(q, w_q).unflatten(-1, (heads, -1)), norm(k, w_k).unflatten(-1, (heads, -1))
+        qn, kn = rms_norm(q, w_q, 1e-6).unflatten(-1, (heads, -1)), rms_norm(k, w_k, 1e-6).unflatten(-1, (heads, -1))
         vh = v.unflatten(-1, (heads, -1))
         q_all = torch.cat([apply_rope(qn, *rope), apply_per_frame(qn, prope.q)])
         return q_all, (apply_rope(kn, *rope), apply_per_frame(kn, prope.kv)), (vh, apply_per_frame(vh, prope.kv))

@@ -3,11 +3,12 @@ swap in and out of a DiT, and an fp8 rollout that stays close to the bf16 one.""
 
 import pytest
 import torch
+from conftest import tiny_pipeline_inputs
 
-from worldplay.models import random_models, random_text_states
+from worldplay.models import random_models
 from worldplay.nn.fp8 import E4M3_MAX, Fp8Linear, fp8_linears, quantize_rows
 from worldplay.pose import trajectory_from_pose_string
-from worldplay.rollout import RolloutError, RolloutSettings, WorldPlayPipeline
+from worldplay.rollout import RolloutError, RolloutSettings
 
 
 def test_quantize_rows_round_trip_is_within_e4m3_precision():
@@ -50,10 +51,7 @@ def test_fp8_linears_swap_in_and_out():
 
 
 def test_fp8_rollout_stays_close_to_bf16():
-    models = random_models("tiny", 0, device="cpu")
-    pipe = WorldPlayPipeline(models.dit, models.vae, device="cpu")
-    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    text = random_text_states("tiny", 0)
+    pipe, image, text = tiny_pipeline_inputs()
     traj = trajectory_from_pose_string("w-11")
     out = {}
     for dtype in ("bf16", "fp8"):
@@ -62,7 +60,7 @@ def test_fp8_rollout_stays_close_to_bf16():
     for a, b in zip(out["fp8"], out["bf16"], strict=True):
         rel = ((a.latents - b.latents).norm() / b.latents.norm()).item()
         assert 0.002 < rel < 0.05  # measured ~0.012-0.014 on this seed
-    assert not isinstance(models.dit.blocks[0].attn1.to_q, Fp8Linear)  # put back after the rollout
+    assert not isinstance(pipe.dit.blocks[0].attn1.to_q, Fp8Linear)  # put back after the rollout
 
 
 def test_fp8_needs_bf16_models():

@@ -10,11 +10,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_pipeline_inputs
 
-from worldplay.models import random_models, random_text_states
 from worldplay.nn.fused import linear_gelu_tanh, rotate_and_store
 from worldplay.pose import trajectory_from_pose_string
-from worldplay.rollout import RolloutSettings, WorldPlayPipeline
+from worldplay.rollout import RolloutSettings
 
 # Runs in a fresh interpreter: Triton reads TRITON_INTERPRET when it is first imported.
 KERNEL_CHECK = textwrap.dedent("""
@@ -102,10 +102,7 @@ def test_rollout_with_fused_kernels_equals_without_on_the_cpu(accel, monkeypatch
     bit-identical to the unfused rollout. Compiled, the unfused blocks let inductor fuse the
     norm/RoPE/PRoPE work (it skips some intermediate bf16 roundings) while the fused path keeps
     the eager roundings, so the steady chunks differ by rounding only."""
-    models = random_models("tiny", 0, device="cpu", dtype=torch.bfloat16)
-    pipe = WorldPlayPipeline(models.dit, models.vae, device="cpu", dtype=torch.bfloat16)
-    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    text = random_text_states("tiny", 0)
+    pipe, image, text = tiny_pipeline_inputs(torch.bfloat16)
     traj = trajectory_from_pose_string("w-23")
     import worldplay.nn.dit as dit_module
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_pipeline_inputs
 
 from worldplay.memory import MEMORY_SLOTS
 from worldplay.models import random_models, random_text_states
@@ -149,10 +150,7 @@ def test_compiled_blocks_match_eager(extra):
     """accel='compile' (inductor on the CPU here): the warm-up chunks run eagerly and are
     identical; the steady chunks (16 memory frames, compiled blocks with the K/V store and the
     attention as an eager island) differ only by bf16 rounding of the fused kernels."""
-    models = random_models("tiny", 0, device="cpu")
-    pipe = WorldPlayPipeline(models.dit, models.vae, device="cpu")
-    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    text = random_text_states("tiny", 0)
+    pipe, image, text = tiny_pipeline_inputs()
     traj = trajectory_from_pose_string("w-23")
     eager = list(pipe.rollout(image, text, traj, RolloutSettings(num_chunk=6, noise_latents=24, **extra)))
     compiled = list(pipe.rollout(image, text, traj, RolloutSettings(num_chunk=6, noise_latents=24, accel="compile",
@@ -164,38 +162,17 @@ def test_compiled_blocks_match_eager(extra):
     assert 0 < max(errs[4:]) < (0.03 if extra.get("linear_dtype") == "fp8" else 0.015)
 
 
-class _RerunGraph:
-    """Stands in for a CUDA graph on the CPU: "replay" re-runs the captured function on the
-    static inputs and writes into the one output tensor, as a real graph does."""
-
-    def __init__(self, fn, statics, pool):
-        self.fn, self.statics = fn, statics
-        fn()  # the warm-up call
-        self.output = fn()  # the "capture"
-
-    def __call__(self, **inputs):
-        for name, value in inputs.items():
-            self.statics[name].copy_(value)
-        out = self.fn()
-        if isinstance(out, torch.Tensor):
-            self.output.copy_(out)
-        return self.output
-
-
 @pytest.mark.parametrize("memory_mode", ["reprefill", "reuse"])
-def test_graph_replays_refresh_their_static_inputs(monkeypatch, memory_mode):
+def test_graph_replays_refresh_their_static_inputs(monkeypatch, memory_mode, rerun_graph):
     """The CUDA-graph bookkeeping (static copies of every input, one shared output) on the CPU:
     with replays that re-run the captured function, accel='graphs' equals eager exactly."""
     import worldplay.accel as accel
 
-    monkeypatch.setattr(accel, "_Graph", _RerunGraph)
+    monkeypatch.setattr(accel, "CapturedCall", rerun_graph)
     monkeypatch.setattr(accel.DiTRunner, "_use_graphs", lambda self, device, n_mem: n_mem == MEMORY_SLOTS
                         and "graphs" in self.mode)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    models = random_models("tiny", 0, device="cpu")
-    pipe = WorldPlayPipeline(models.dit, models.vae, device="cpu")
-    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    text = random_text_states("tiny", 0)
+    pipe, image, text = tiny_pipeline_inputs()
     traj = trajectory_from_pose_string("w-3,right-12,left-12")
     out = {}
     for mode in ("eager", "graphs"):

@@ -402,7 +402,7 @@ def test_channels_last_decode_equals_contiguous():
     assert torch.equal(stream(vae), plain)
 
 
-def test_graphed_decode_equals_eager(monkeypatch):
+def test_graphed_decode_equals_eager(monkeypatch, rerun_graph):
     """fast_decode graphs, with a stand-in for the CUDA graph that re-runs the captured call at
     every replay: the capture bookkeeping (static input, the warm-up call undone on the history
     buffers, the output copied out) must leave the stream exactly as the eager decode does. The
@@ -410,26 +410,7 @@ def test_graphed_decode_equals_eager(monkeypatch):
     import worldplay.nn.vae as vae_module
     from worldplay.models import random_models
 
-    class RerunGraph(vae_module._DecodeGraph):
-        captures = replays = 0
-
-        def _warm_up(self, fn):
-            fn()
-
-        def _capture(self, fn):
-            RerunGraph.captures += 1
-            self._fn = fn
-            self.output = None
-
-        def _replay(self):
-            RerunGraph.replays += 1
-            out = self._fn()
-            if self.output is None:
-                self.output = out
-            else:
-                self.output.copy_(out)  # a real graph refills the one static output
-
-    monkeypatch.setattr(vae_module, "_DecodeGraph", RerunGraph)
+    monkeypatch.setattr(vae_module, "CapturedCall", rerun_graph)
     monkeypatch.setattr(vae_module, "_graphs_possible", lambda buffer: True)
     vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
     z = torch.randn(1, 48, 16, 4, 6, generator=torch.Generator().manual_seed(0))
@@ -443,5 +424,5 @@ def test_graphed_decode_equals_eager(monkeypatch):
     vae.enable_fast_decode(compile=False, channels_last=False, graphs=True)
     graphed = stream(vae)
     vae.disable_fast_decode()
-    assert RerunGraph.captures == 1 and RerunGraph.replays == 3  # latent groups 2-4 of the stream
+    assert rerun_graph.captures == 1 and rerun_graph.replays == 3  # latent groups 2-4 of the stream
     assert torch.equal(graphed, plain)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graphs import CapturedCall
 from .memory import CHUNK_LATENTS, MEMORY_SLOTS, MemoryKV
 from .nn.dit import TextContext, WanDiT
 
@@ -47,29 +48,6 @@ class AccelStats:
         return {k: getattr(self, k) for k in ("captures", "replays", "eager_calls", "compiled_calls", "recompiles")}
 
 
-class _Graph:
-    """A captured callable with static inputs: copy in, replay, read the static output."""
-
-    def __init__(self, fn, statics: dict[str, torch.Tensor], pool):
-        self.fn = fn
-        self.statics = statics
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture: compilation, cuBLAS/cuDNN handles
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn()
-
-    def __call__(self, **inputs: torch.Tensor):
-        for name, value in inputs.items():
-            self.statics[name].copy_(value)
-        self.graph.replay()
-        return self.output
-
-
 class DiTRunner:
     """The two DiT calls of a chunk (memory prefill, denoising step) in the chosen mode."""
 
@@ -82,7 +60,7 @@ class DiTRunner:
         self.fused = fused  # worldplay.nn.fused kernels
         self.stats = AccelStats()
         self._compiled = torch.compile(_call_block, dynamic=False) if "compile" in mode else None
-        self._graphs: dict[str, _Graph] = {}
+        self._graphs: dict[str, CapturedCall] = {}
         self._pool = None
         self._dynamo_start = _dynamo_compiles()
 
@@ -148,10 +126,10 @@ class DiTRunner:
         self.stats.eager_calls += 1
         return None
 
-    def _capture(self, name: str, fn, statics) -> _Graph:
+    def _capture(self, name: str, fn, statics) -> CapturedCall:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = _Graph(fn, statics, self._pool)
+        graph = CapturedCall(fn, statics, self._pool)
         self._graphs[name] = graph
         self.stats.captures += 1
         return graph

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import DiTConfig
 from .attention import attention
-from .fused import linear_gelu_tanh, rotate_and_store
+from .fused import linear_gelu_tanh, rms_norm, rotate_and_store, rotate_and_store_reference, store_kv
 from .prope import PRoPE, apply_per_frame
 from .rope import apply_rope, rope_tables
 
@@ -92,9 +92,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass
@@ -117,20 +115,6 @@ class SelfAttnInputs:
     fused: bool = False
 
 
-def _store(ks, vs, kv_buffer, write: slice | torch.Tensor, batch: int) -> None:
-    """Copy each branch's keys/values into its batch rows of the fixed buffers, in place, at
-    the token range ``write`` or at the token indices ``write`` (a LongTensor)."""
-    k_buf, v_buf = kv_buffer
-    for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
-        rows = slice(i * batch, (i + 1) * batch)
-        if isinstance(write, torch.Tensor):
-            k_buf[rows].index_copy_(1, write, kb)
-            v_buf[rows].index_copy_(1, write, vb)
-        else:
-            k_buf[rows, write].copy_(kb)
-            v_buf[rows, write].copy_(vb)
-
-
 @torch.compiler.disable
 def _attend_cached(q_all, ks, vs, kv_buffer, write, read: slice, batch: int, backend: str, mask):
     """Store this call's K/V in the buffer and attend to its ``read`` tokens, always eagerly.
@@ -140,7 +124,7 @@ def _attend_cached(q_all, ks, vs, kv_buffer, write, read: slice, batch: int, bac
     memory traffic per steady chunk at 704x1280 (profiled, notes/perf.md). Eagerly, the store
     touches only the written slots and the kernels read the views as they are. Under CUDA-graph
     capture this eager island costs no launch overhead."""
-    _store(ks, vs, kv_buffer, write, batch)
+    store_kv(ks, vs, kv_buffer, write, batch)
     k_all, v_all = kv_buffer[0][:, read], kv_buffer[1][:, read]
     o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend, mask=mask)
     return o.transpose(1, 2)  # [branches*B, L, H, d]
@@ -149,11 +133,9 @@ def _attend_cached(q_all, ks, vs, kv_buffer, write, read: slice, batch: int, bac
 @torch.compiler.disable
 def _fused_attend_cached(attn, q, k, v, inputs: SelfAttnInputs, kv_buffer, backend: str):
     """:func:`_attend_cached` with the q/k/v post-processing fused into the store
-    (:func:`worldplay.nn.fused.rotate_and_store`); ``q`` None: store only."""
+    (:func:`worldplay.nn.fused.rotate_and_store`)."""
     q_all = rotate_and_store(q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, inputs.rope,
                              inputs.prope, kv_buffer, inputs.write, attn.heads)
-    if q_all is None:
-        return None
     k_all, v_all = kv_buffer[0][:, inputs.read], kv_buffer[1][:, inputs.read]
     o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend,
                   mask=inputs.mask)
@@ -193,17 +175,10 @@ class SelfAttention(_Attention):
     def write_kv(
         self, x: torch.Tensor, inputs: SelfAttnInputs, kv_buffer: tuple[torch.Tensor, torch.Tensor]
     ) -> None:
-        batch = x.shape[0]
-        if inputs.fused:
-            _fused_attend_cached(self, None, self.to_k(x), self.to_v(x), inputs, kv_buffer, "sdpa")
-            return
-        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1))
-        v = self.to_v(x).unflatten(-1, (self.heads, -1))
-        ks, vs = [apply_rope(k, *inputs.rope)], [v]
-        if inputs.prope is not None:
-            ks.append(apply_per_frame(k, inputs.prope.kv))
-            vs.append(apply_per_frame(v, inputs.prope.kv))
-        _store(ks, vs, kv_buffer, inputs.write, batch)
+        # Runs eagerly (the last prefill block is not compiled): the fused kernel or its reference.
+        store = rotate_and_store if inputs.fused else rotate_and_store_reference
+        store(None, self.to_k(x), self.to_v(x), self.norm_q.weight, self.norm_k.weight, self.norm_k.eps,
+              inputs.rope, inputs.prope, kv_buffer, inputs.write, self.heads)
 
     def forward(
         self,

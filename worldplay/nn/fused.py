@@ -38,10 +38,26 @@ def _kernel_shape_ok(head_dim: int) -> bool:
     return head_dim >= 4 and head_dim & (head_dim - 1) == 0  # Triton block shapes: powers of two
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the official model computes it: statistics in float32, the normalised value
+    rounded to the input dtype, then multiplied by the weight in that dtype."""
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight.to(x.dtype)
+
+
+def store_kv(ks, vs, kv_buffer, write: slice | torch.Tensor, batch: int) -> None:
+    """Copy each branch's keys/values into its batch rows of the fixed buffers, in place, at
+    the token range ``write`` or at the token indices ``write`` (a LongTensor)."""
+    k_buf, v_buf = kv_buffer
+    for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
+        rows = slice(i * batch, (i + 1) * batch)
+        if isinstance(write, torch.Tensor):
+            k_buf[rows].index_copy_(1, write, kb)
+            v_buf[rows].index_copy_(1, write, vb)
+        else:
+            k_buf[rows, write].copy_(kb)
+            v_buf[rows, write].copy_(vb)
 
 
 def rotate_and_store_reference(
@@ -55,24 +71,16 @@ def rotate_and_store_reference(
     def heads_of(t):
         return t.unflatten(-1, (heads, -1))
 
-    kn = heads_of(_rms_norm(k, norm_k, eps))
+    kn = heads_of(rms_norm(k, norm_k, eps))
     vh = heads_of(v)
     ks, vs = [apply_rope(kn, *rope)], [vh]
     if prope is not None:
         ks.append(apply_per_frame(kn, prope.kv))
         vs.append(apply_per_frame(vh, prope.kv))
-    k_buf, v_buf = kv_buffer
-    for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
-        rows = slice(i * batch, (i + 1) * batch)
-        if isinstance(write, torch.Tensor):
-            k_buf[rows].index_copy_(1, write, kb)
-            v_buf[rows].index_copy_(1, write, vb)
-        else:
-            k_buf[rows, write].copy_(kb)
-            v_buf[rows, write].copy_(vb)
+    store_kv(ks, vs, kv_buffer, write, batch)
     if q is None:
         return None
-    qn = heads_of(_rms_norm(q, norm_q, eps))
+    qn = heads_of(rms_norm(q, norm_q, eps))
     qs = [apply_rope(qn, *rope)]
     if prope is not None:
         qs.append(apply_per_frame(qn, prope.q))

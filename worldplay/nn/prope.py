@@ -68,7 +68,8 @@ class PRoPE:
         ks = _focal_only(intrinsics.to(dtype))
         p = _lift(ks) @ w
         p_inv = _invert_rigid(w) @ _lift(_invert_focal(ks))
-        return cls(q=p.transpose(-1, -2), kv=p_inv, o=p)
+        # Contiguous once here: the fused kernel reads them per layer (worldplay.nn.fused).
+        return cls(q=p.transpose(-1, -2).contiguous(), kv=p_inv, o=p)
 
 
 def apply_per_frame(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from worldplay.config import VAEConfig
+from worldplay.graphs import CapturedCall
 
 # Frames of history a causal 3-tap time conv needs (its kernel is 3 frames deep).
 HISTORY_FRAMES = 2
@@ -133,44 +134,6 @@ class CausalState:
 
 def _graphs_possible(buffer: torch.Tensor) -> bool:
     return buffer.is_cuda
-
-
-class _DecodeGraph:
-    """A stream's steady decode call, captured once and replayed for every later latent group.
-
-    The call updates the history buffers in place, so the warm-up call that capture needs (on a
-    side stream, outside the capture) would advance the stream: the buffers are saved before it
-    and restored after. Capture itself runs no kernels. The output is copied out at every replay
-    (the captured one is overwritten by the next)."""
-
-    def __init__(self, fn, static_in: torch.Tensor, buffers: list[torch.Tensor]):
-        self.static_in = static_in
-        saved = [b.clone() for b in buffers]
-        self._warm_up(fn)
-        for b, s in zip(buffers, saved, strict=True):
-            b.copy_(s)
-        del saved
-        self._capture(fn)
-
-    def _warm_up(self, fn) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-
-    def _capture(self, fn) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn()
-
-    def _replay(self) -> None:
-        self.graph.replay()
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        self.static_in.copy_(latents)
-        self._replay()
-        return self.output.clone()
 
 
 class DecodeState(CausalState):
@@ -814,14 +777,24 @@ class WanVAE(nn.Module):
         if self.fast_decode.get("graphs") and not state.fresh and _graphs_possible(buf):
             # A graph belongs to one state, one input shape and one decoder setup.
             key = (id(self), tuple(latents.shape), id(self._compiled_decoder), self.fast_decode.get("channels_last"))
-            graph = getattr(state, "graph", None)
-            if graph is None or graph.key != key:
-                static_in = latents.clone()
-                graph = state.graph = _DecodeGraph(lambda: self._decode_call(static_in, state), static_in,
-                                                   state.buffers)
-                graph.key = key
-            return graph(latents)
+            if getattr(state, "graph_key", None) != key:
+                state.graph, state.graph_key = self._capture_decode(latents, state), key
+            # The static output is overwritten by the next replay: hand out a copy.
+            return state.graph(latents=latents).clone()
         return self._decode_call(latents, state)
+
+    def _capture_decode(self, latents: torch.Tensor, state: DecodeState) -> CapturedCall:
+        """A stream's steady call as a CUDA graph (the history buffers never move, so one graph
+        serves the whole stream). The call updates those buffers in place, so the warm-up call
+        would advance the stream: they are saved before it and restored after."""
+        static = {"latents": latents.clone()}
+        saved = [b.clone() for b in state.buffers]
+
+        def restore() -> None:
+            for b, s in zip(state.buffers, saved, strict=True):
+                b.copy_(s)
+
+        return CapturedCall(lambda: self._decode_call(static["latents"], state), static, warmups=1, restore=restore)
 
     def _decode_call(self, latents: torch.Tensor, state: DecodeState) -> torch.Tensor:
         buf = state.buffers[0]
