@@ -10,7 +10,8 @@
   attention backend and memory mode, with accel counters and latent error vs the first;
 * ``fused``: worldplay.nn.fused at the steady chunk's shapes (agreement with the reference,
   time against the unfused work, the GELU epilogue);
-* ``decode``: the steady VAE decode alone with each fast-decode option, and its kernel profile;
+* ``decode``: the steady VAE decode alone with each fast-decode option (graphs, coordinate-descent
+  tuning, a widened head conv), its kernel profile, and the head conv's shape alone;
 * ``profile``: kernel time of one steady chunk, compiled blocks without graphs (so the
   kernels are visible), grouped into attention / GEMM / fused elementwise / copies / other.
 
@@ -228,42 +229,109 @@ def _gelu_case(m: int, g) -> dict:
     }
 
 
+def _padded_conv_out(vae, channels: int) -> None:
+    """Probe-only: give the decoder's head conv (256 -> 12 channels) ``channels`` output
+    channels, the extra ones zero, and slice them off again (a different cuDNN kernel)."""
+    from worldplay.nn.vae import CausalConv3d
+
+    conv = vae.decoder.conv_out
+    inner = getattr(conv, "inner", conv)
+    wide = CausalConv3d(inner.in_channels, channels).to(inner.weight.device, inner.weight.dtype)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.bias.zero_()
+        wide.weight[: inner.out_channels].copy_(inner.weight)
+        wide.bias[: inner.out_channels].copy_(inner.bias)
+    wide.cache_slot = inner.cache_slot
+
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = wide
+
+        def forward(self, x, state):
+            return self.inner(x, state)[:, : inner.out_channels]
+
+    vae.decoder.conv_out = Sliced()
+
+
+def section_head_conv() -> dict:
+    """The decoder's head conv shape alone (256 channels at 18x352x640 in, 16 frames out) with
+    12 (the real width) or more output channels, per memory format."""
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(1, 256, 18, 352, 640, device="cuda", dtype=torch.bfloat16, generator=g)
+    for fmt_name, fmt in (("channels_last", torch.channels_last_3d), ("contiguous", torch.contiguous_format)):
+        xf = x.contiguous(memory_format=fmt)
+        for n in (12, 16, 32, 64):
+            w = torch.randn(n, 256, 3, 3, 3, device="cuda", dtype=torch.bfloat16, generator=g)
+            w = (w / 83).contiguous(memory_format=fmt)
+            b = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+            ms = cuda_ms(lambda w=w, b=b, xf=xf: F.conv3d(xf, w, b, padding=(0, 1, 1)), reps=10, warmup=2)
+            out[f"{fmt_name}/{n}"] = round(ms, 3)
+            print("head conv", fmt_name, n, out[f"{fmt_name}/{n}"], flush=True)
+    return out
+
+
 def section_decode(vae) -> dict:
     """The steady VAE decode alone (16 frames at 704x1280): its time with each fast-decode
-    option, and a kernel profile of the fastest, to place the time beyond the convolutions."""
+    option (compiled, channels-last; with CUDA graphs; with inductor's coordinate-descent
+    tuning; with the head conv widened), agreement with the first, and a kernel profile."""
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator(device="cuda").manual_seed(5)
     latents = torch.randn(1, 48, 4, 44, 80, device="cuda", dtype=torch.bfloat16, generator=g)
     out: dict = {}
-    variants = {"eager": {}, "channels_last": {"compile": False, "channels_last": True},
-                "compile": {"compile": True, "channels_last": False},
-                "compile+channels_last+graphs": {"compile": True, "channels_last": True, "graphs": True},
-                "compile+channels_last": {"compile": True, "channels_last": True}}  # last: profiled below
-    for name, opts in variants.items():
-        vae.disable_fast_decode()
-        if opts:
+    cl = {"compile": True, "channels_last": True}
+    variants = {"compile+channels_last": (cl, {}, 0),  # first: the reference and the profile
+                "compile+channels_last+graphs": ({**cl, "graphs": True}, {}, 0),
+                "compile+channels_last+coordinate_descent": (cl, {"coordinate_descent_tuning": True}, 0),
+                "compile+channels_last+head16": (cl, {}, 16),
+                "compile+channels_last+head32": (cl, {}, 32)}
+    original_head = vae.decoder.conv_out
+    reference = None
+    for name, (opts, inductor, head) in variants.items():
+        try:
+            vae.disable_fast_decode()
+            vae.decoder.conv_out = original_head
+            if head:
+                _padded_conv_out(vae, head)
             vae.enable_fast_decode(**opts)
-        state = vae.new_decode_state(1, 44, 80)
-        for _ in range(3):  # the fresh call, then steady calls (compile)
-            vae.decode(latents, state)
-        out[name] = round(cuda_ms(lambda state=state: vae.decode(latents, state), reps=5, warmup=1), 2)
-        print("decode", name, out[name], flush=True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        vae.decode(latents, state)
-        torch.cuda.synchronize()
-    kernels: dict[str, list] = {}
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            rec = kernels.setdefault(evt.name, [0.0, 0])
-            rec[0] += evt.device_time / 1e3
-            rec[1] += 1
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
-    out["profile_total_ms"] = round(sum(ms for ms, _ in kernels.values()), 2)
-    out["top_kernels"] = [{"name": n[:160], "ms": round(ms, 2), "calls": c} for n, (ms, c) in top]
-    for row in out["top_kernels"][:30]:
-        print(f"  {row['ms']:9.2f} ms {row['calls']:6d}  {row['name'][:120]}", flush=True)
+            state = vae.new_decode_state(1, 44, 80)
+            t0 = time.perf_counter()
+            with torch._inductor.config.patch(**inductor):
+                for _ in range(3):  # the fresh call, then steady calls (compile)
+                    video = vae.decode(latents, state)
+            torch.cuda.synchronize()
+            warm_s = time.perf_counter() - t0
+            if reference is None:
+                reference = video.float()
+            err = float((video.float() - reference).abs().max())
+            ms = round(cuda_ms(lambda state=state: vae.decode(latents, state), reps=7, warmup=1), 2)
+            out[name] = {"ms": ms, "max_abs_diff_vs_first": err, "warm_s": round(warm_s, 1)}
+            print("decode", name, json.dumps(out[name]), flush=True)
+            if name == "compile+channels_last":
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    vae.decode(latents, state)
+                    torch.cuda.synchronize()
+                kernels: dict[str, list] = {}
+                for evt in prof.events():
+                    if evt.device_type == torch.autograd.DeviceType.CUDA:
+                        rec = kernels.setdefault(evt.name, [0.0, 0])
+                        rec[0] += evt.device_time / 1e3
+                        rec[1] += 1
+                top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:60]
+                out["profile_total_ms"] = round(sum(ms for ms, _ in kernels.values()), 2)
+                out["top_kernels"] = [{"name": n[:160], "ms": round(ms, 2), "calls": c} for n, (ms, c) in top]
+                for row in out["top_kernels"][:40]:
+                    print(f"  {row['ms']:9.2f} ms {row['calls']:6d}  {row['name'][:120]}", flush=True)
+        except Exception:  # noqa: BLE001
+            out[name] = {"error": traceback.format_exc()[-3000:]}
+            print(name, out[name]["error"], flush=True)
+        save(ARGS.out)
+    vae.disable_fast_decode()
+    vae.decoder.conv_out = original_head
     return out
 
 
@@ -414,6 +482,10 @@ def main() -> None:
 
         models, image, text = build()
         if "decode" in sections:
+            try:
+                RESULTS["head_conv"] = section_head_conv()
+            except Exception:  # noqa: BLE001
+                RESULTS["head_conv"] = {"error": traceback.format_exc()[-3000:]}
             try:
                 RESULTS["decode"] = section_decode(models.vae)
             except Exception:  # noqa: BLE001
