@@ -402,6 +402,29 @@ def test_channels_last_decode_equals_contiguous():
     assert torch.equal(stream(vae), plain)
 
 
+def test_decode_relays_out_a_state_made_before_the_layout_switch():
+    """A decode state allocated before fast decode was switched on still decodes the stream
+    (history values kept across the switch, mid-stream too), and its buffers move to the
+    channels-last layout, so the convs get no transposing copies."""
+    from worldplay.models import random_models
+
+    vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
+    z = torch.randn(1, 48, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    state = vae.new_decode_state(1, 4, 6)
+    plain = torch.cat([vae.decode(z[:, :, :4], state), vae.decode(z[:, :, 4:], state)], dim=2)
+
+    state = vae.new_decode_state(1, 4, 6)
+    first = vae.decode(z[:, :, :4], state)
+    vae.enable_fast_decode(compile=False, channels_last=True)
+    try:
+        assert not state.buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
+        second = vae.decode(z[:, :, 4:], state)
+        assert all(b.is_contiguous(memory_format=torch.channels_last_3d) for b in state.buffers)
+    finally:
+        vae.disable_fast_decode()
+    assert rel_err(torch.cat([first, second], dim=2), plain) <= 1e-5
+
+
 def test_graphed_decode_equals_eager(monkeypatch, rerun_graph):
     """fast_decode graphs, with a stand-in for the CUDA graph that re-runs the captured call at
     every replay: the capture bookkeeping (static input, the warm-up call undone on the history

@@ -235,16 +235,17 @@ class WorldPlayPipeline:
         kv = MemoryKV(dit.config.num_layers, 1, 2, tokens_per_frame, dit.config.num_attention_heads,
                       dit.config.attention_head_dim, device=dev, dtype=dtype)
         text = dit.text_context(text_states.to(dev, dtype))
-        decode_state = (self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
-                        if settings.decode else None)
-        timesteps, sigmas = distilled_schedule()
-        timer = StageTimer(dev)
-        runner = DiTRunner(dit, settings.accel, settings.attention_backend, settings.fused_kernels)
+        # Switch the decoder's layout before allocating its state: the history buffers take it.
         if settings.fast_decode != bool(self.vae.fast_decode):
             if settings.fast_decode:
                 self.vae.enable_fast_decode()
             else:
                 self.vae.disable_fast_decode()
+        decode_state = (self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
+                        if settings.decode else None)
+        timesteps, sigmas = distilled_schedule()
+        timer = StageTimer(dev)
+        runner = DiTRunner(dit, settings.accel, settings.attention_backend, settings.fused_kernels)
         self.last_accel_stats = runner.stats
         rope_cache: dict[int, tuple] = {}
         reuse = ReuseState()
