@@ -352,9 +352,13 @@ def run_rollout(pipe, image, text, traj, num_chunk, **settings):
 
     rows, latents = [], []
     t0 = time.perf_counter()
+    allocs = {}
     for out in pipe.rollout(image, text, traj, RolloutSettings(num_chunk=num_chunk, **settings)):
         rows.append({k: round(v, 2) for k, v in out.timings_ms.items()})
         latents.append(out.latents)
+        if out.index in (3, num_chunk - 1):  # the allocator's device allocations over the steady chunks
+            stats = torch.cuda.memory_stats()
+            allocs[out.index] = {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
     wall = time.perf_counter() - t0
     steady = rows[4:]
     med = lambda key: statistics.median(r.get(key, 0.0) for r in steady)  # noqa: E731
@@ -364,6 +368,7 @@ def run_rollout(pipe, image, text, traj, num_chunk, **settings):
         "steady_prefill_ms": med("prefill"), "steady_steps_ms": steps, "steady_dit_ms": med("dit"),
         "steady_decode_ms": med("decode"), "steady_kv_move_ms": med("kv_move"), "steady_total_ms": med("dit") + med("decode") + med("select"),
         "accel": pipe.last_accel_stats.to_dict(),
+        "allocator_steady": {k: allocs[num_chunk - 1][k] - allocs[3][k] for k in allocs.get(3, {})},
     }, latents
 
 
@@ -374,12 +379,17 @@ def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
     out, base = {}, None
     for v in variants:
         name = "/".join(f"{k}={val}" for k, val in v.items())
+        name = name if name not in out else f"{name} (again)"
         import gc
 
         gc.collect()
         torch.cuda.empty_cache()
         settings = dict(v)
         torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)  # a probe-only switch
+        if settings.pop("decode_graphs", False):  # probe-only: the fast decode with CUDA graphs
+            pipe.vae.enable_fast_decode(graphs=True)
+        else:
+            pipe.vae.disable_fast_decode()
         try:
             res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **settings)
             if base is None:
@@ -455,6 +465,7 @@ def main() -> None:
     ap.add_argument("--sections", default="attn,gemm,rollouts,profile")
     ap.add_argument("--profile-backend", default="cudnn")
     ap.add_argument("--profile-fused", action="store_true", help="profile with fused_kernels")
+    ap.add_argument("--rollout-set", choices=("all", "decode"), default="all", help="which rollout variants")
     ARGS = ap.parse_args()
     sections = ARGS.sections.split(",")
     RESULTS["gpu"] = torch.cuda.get_device_name()
@@ -504,9 +515,12 @@ def main() -> None:
         if "rollouts" in sections:
             best = "fa4" if fa4 else "cudnn"
             fused = {"attention_backend": best, "fused_kernels": True}
-            variants = [{"attention_backend": best}, fused, {**fused, "cudnn_benchmark": True},
-                        {**fused, "memory_mode": "reuse"}, {**fused, "linear_dtype": "fp8"},
-                        {**fused, "memory_mode": "reuse", "linear_dtype": "fp8"}]
+            reuse = {**fused, "memory_mode": "reuse"}
+            variants = {"all": [{"attention_backend": best}, fused, {**fused, "cudnn_benchmark": True}, reuse,
+                                {**fused, "linear_dtype": "fp8"}, {**reuse, "linear_dtype": "fp8"}],
+                        # why the reuse leg decodes slower: the order, the allocator, graphs
+                        "decode": [fused, reuse, {**reuse, "decode_graphs": True},
+                                   {**fused, "decode_graphs": True}, fused]}[ARGS.rollout_set]
             section_rollouts(pipe, image, text, variants)
     save(ARGS.out)
     print("\nvariant | prefill | 4 steps | DiT | decode | total | replays/captures/recompiles | max latent err")
