@@ -234,8 +234,7 @@ def _padded_conv_out(vae, channels: int) -> None:
     channels, the extra ones zero, and slice them off again (a different cuDNN kernel)."""
     from worldplay.nn.vae import CausalConv3d
 
-    conv = vae.decoder.conv_out
-    inner = getattr(conv, "inner", conv)
+    inner = vae.decoder.conv_out
     wide = CausalConv3d(inner.in_channels, channels).to(inner.weight.device, inner.weight.dtype)
     with torch.no_grad():
         wide.weight.zero_()
@@ -386,10 +385,11 @@ def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
         torch.cuda.empty_cache()
         settings = dict(v)
         torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)  # a probe-only switch
-        if settings.pop("decode_graphs", False):  # probe-only: the fast decode with CUDA graphs
-            pipe.vae.enable_fast_decode(graphs=True)
-        else:
+        graphs = settings.pop("decode_graphs", False)  # probe-only: the fast decode with CUDA graphs
+        if bool(pipe.vae.fast_decode.get("graphs")) != graphs:  # switch only on a change (a switch recompiles)
             pipe.vae.disable_fast_decode()
+            if graphs:
+                pipe.vae.enable_fast_decode(graphs=True)
         try:
             res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **settings)
             if base is None:
