@@ -41,7 +41,7 @@ def lint(session: nox.Session) -> None:
 
 # kind -> (GPU experiment, tiny CPU experiment or None)
 EXPERIMENTS = {
-    "bench": ("bench-h100", "bench-tiny-cpu"),
+    "bench": ("bench", "bench-tiny-cpu"),
     "rollouts": ("rollouts-samples", "rollouts-tiny-cpu"),
     "drift": ("drift-bf16-vs-fp32", "drift-tiny-cpu"),
     "parity": ("parity-official", None),
@@ -88,7 +88,7 @@ def _run_experiments(session: nox.Session, kind: str) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: bench-h100 on a CUDA machine, bench-tiny-cpu otherwise.
+    """Benchmarks: bench on a CUDA machine, bench-tiny-cpu otherwise.
     ``nox -s bench -- --experiment NAME [--official PATH] [--allow-dirty] ...``"""
     _run_experiments(session, "bench")
 

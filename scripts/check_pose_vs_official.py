@@ -104,14 +104,42 @@ def random_trajectory_json(path: Path, n: int, seed: int) -> None:
     path.write_text(json.dumps(entries))
 
 
+def write_tps_table(ns: dict, out: Path, count: int) -> int:
+    """The official ``pose_to_input`` labels, first and third person, of ``count`` random
+    trajectories that move and turn in the same steps (the case where the modes differ), with
+    the trajectories themselves: the test data of tests/test_pose_third_person.py."""
+    table = []
+    with tempfile.TemporaryDirectory(prefix="pose_tps_") as tmp:
+        for seed in range(count):
+            path = Path(tmp) / f"random_{seed}.json"
+            random_trajectory_json(path, 24, 1000 + seed)
+            entries = json.loads(path.read_text())
+            labels = {}
+            for tps in (False, True):
+                _, _, act = ns["pose_to_input"](str(path), len(entries), tps=tps)
+                labels["third_person" if tps else "first_person"] = act.numpy().tolist()
+            table.append({"seed": 1000 + seed, "trajectory": entries, **labels})
+    differ = sum(t["first_person"] != t["third_person"] for t in table)
+    out.write_text(json.dumps({"generator": "scripts/check_pose_vs_official.py --write-tps-table, official "
+                                            "hyvideo/generate.py pose_to_input(tps=False/True)",
+                               "cases": table}, indent=1))
+    print(f"wrote {out}: {len(table)} trajectories, {differ} with labels that differ between the modes")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official", type=Path, required=True, help="HY-WorldPlay checkout")
     ap.add_argument("--json", type=Path, nargs="*", default=None,
                     help="trajectory JSON files (default: the official assets/pose/*.json)")  # fmt: skip
     ap.add_argument("--random", type=int, default=20, help="also check this many random JSON trajectories")
+    ap.add_argument("--write-tps-table", type=Path, metavar="JSON",
+                    help="write the official labels (tps False and True) of the random trajectories to JSON "
+                         "(tests/data/pose_tps_official.json) and stop")
     args = ap.parse_args()
     ns = load_official(args.official)
+    if args.write_tps_table:
+        return write_tps_table(ns, args.write_tps_table, args.random)
     files = (
         list(args.json) if args.json is not None else sorted((args.official / "assets/pose").glob("*.json"))
     )
@@ -140,13 +168,15 @@ def main() -> int:
     for path in files:
         with open(path) as f:
             n = len(json.load(f))
-        w2c, ks, act = ns["pose_to_input"](str(path), n)
-        t = load_trajectory_json(path)
-        official = {"viewmats": w2c.numpy(), "Ks": ks.numpy(), "actions": act.numpy()}
-        ours = {"viewmats": t.viewmats, "Ks": t.intrinsics, "actions": t.actions}
-        ok &= compare(
-            f"json {path.name} ({n} latents, {len(set(t.actions.tolist()))} distinct actions)", official, ours
-        )
+        for third_person in (False, True):
+            w2c, ks, act = ns["pose_to_input"](str(path), n, tps=third_person)
+            t = load_trajectory_json(path, third_person=third_person)
+            official = {"viewmats": w2c.numpy(), "Ks": ks.numpy(), "actions": act.numpy()}
+            ours = {"viewmats": t.viewmats, "Ks": t.intrinsics, "actions": t.actions}
+            mode = ", third person" if third_person else ""
+            ok &= compare(
+                f"json {path.name} ({n} latents, {len(set(t.actions.tolist()))} distinct actions{mode})", official, ours
+            )
 
     tmpdir.cleanup()
     print("all exact" if ok else "MISMATCH")

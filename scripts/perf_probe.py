@@ -278,6 +278,8 @@ def section_decode(vae) -> dict:
     tuning; with the head conv widened), agreement with the first, and a kernel profile."""
     from torch.profiler import ProfilerActivity, profile
 
+    from worldplay.decode_runner import DecodeOptions, DecodeRunner
+
     g = torch.Generator(device="cuda").manual_seed(5)
     latents = torch.randn(1, 48, 4, 44, 80, device="cuda", dtype=torch.bfloat16, generator=g)
     out: dict = {}
@@ -291,28 +293,27 @@ def section_decode(vae) -> dict:
     reference = None
     for name, (opts, inductor, head) in variants.items():
         try:
-            vae.disable_fast_decode()
             vae.decoder.conv_out = original_head
             if head:
                 _padded_conv_out(vae, head)
-            vae.enable_fast_decode(**opts)
-            state = vae.new_decode_state(1, 44, 80)
+            runner = DecodeRunner(vae, DecodeOptions(**opts))  # copies the (widened) channels-last decoder
+            state = runner.new_decode_state(1, 44, 80)
             t0 = time.perf_counter()
             with torch._inductor.config.patch(**inductor):
                 for _ in range(3):  # the fresh call, then steady calls (compile)
-                    video = vae.decode(latents, state)
+                    video = runner.decode(latents, state)
             torch.cuda.synchronize()
             warm_s = time.perf_counter() - t0
             if reference is None:
                 reference = video.float()
             err = float((video.float() - reference).abs().max())
-            ms = round(cuda_ms(lambda state=state: vae.decode(latents, state), reps=7, warmup=1), 2)
+            ms = round(cuda_ms(lambda state=state, runner=runner: runner.decode(latents, state), reps=7, warmup=1), 2)
             out[name] = {"ms": ms, "max_abs_diff_vs_first": err, "warm_s": round(warm_s, 1)}
             print("decode", name, json.dumps(out[name]), flush=True)
             if name == "compile+channels_last":
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    vae.decode(latents, state)
+                    runner.decode(latents, state)
                     torch.cuda.synchronize()
                 kernels: dict[str, list] = {}
                 for evt in prof.events():
@@ -329,7 +330,6 @@ def section_decode(vae) -> dict:
             out[name] = {"error": traceback.format_exc()[-3000:]}
             print(name, out[name]["error"], flush=True)
         save(ARGS.out)
-    vae.disable_fast_decode()
     vae.decoder.conv_out = original_head
     return out
 
@@ -346,13 +346,14 @@ def build():
     return models, image, text
 
 
-def run_rollout(pipe, image, text, traj, num_chunk, **settings):
+def run_rollout(pipe, image, text, traj, num_chunk, decode_options=None, **settings):
     from worldplay.rollout import RolloutSettings
 
     rows, latents = [], []
     t0 = time.perf_counter()
     allocs = {}
-    for out in pipe.rollout(image, text, traj, RolloutSettings(num_chunk=num_chunk, **settings)):
+    for out in pipe.rollout(image, text, traj, RolloutSettings(num_chunk=num_chunk, **settings),
+                            decode_options=decode_options):
         rows.append({k: round(v, 2) for k, v in out.timings_ms.items()})
         latents.append(out.latents)
         if out.index in (3, num_chunk - 1):  # the allocator's device allocations over the steady chunks
@@ -372,6 +373,7 @@ def run_rollout(pipe, image, text, traj, num_chunk, **settings):
 
 
 def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
+    from worldplay.decode_runner import DecodeOptions
     from worldplay.pose import trajectory_from_pose_string
 
     traj = trajectory_from_pose_string("w-27")
@@ -385,13 +387,13 @@ def section_rollouts(pipe, image, text, variants: list[dict]) -> dict:
         torch.cuda.empty_cache()
         settings = dict(v)
         torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)  # a probe-only switch
-        graphs = settings.pop("decode_graphs", False)  # probe-only: the fast decode with CUDA graphs
-        if bool(pipe.vae.fast_decode.get("graphs")) != graphs:  # switch only on a change (a switch recompiles)
-            pipe.vae.disable_fast_decode()
-            if graphs:
-                pipe.vae.enable_fast_decode(graphs=True)
+        # probe-only: the fast decode with CUDA graphs (the pipeline keeps one decode runner per
+        # options, so switching back and forth compiles each decoder once)
+        graphs = settings.pop("decode_graphs", False)
+        decode_options = DecodeOptions(compile=True, channels_last=True, graphs=graphs)
         try:
-            res, lat = run_rollout(pipe, image, text, traj, 7, accel="compile+graphs", fast_decode=True, **settings)
+            res, lat = run_rollout(pipe, image, text, traj, 7, decode_options=decode_options, accel="compile+graphs",
+                                   fast_decode=True, **settings)
             if base is None:
                 base = lat
             res["latent_rel_err_vs_first"] = [float((a - b).norm() / b.norm()) for a, b in zip(lat, base, strict=True)]
@@ -502,7 +504,6 @@ def main() -> None:
             except Exception:  # noqa: BLE001
                 RESULTS["decode"] = {"error": traceback.format_exc()[-3000:]}
                 print(RESULTS["decode"]["error"], flush=True)
-            models.vae.disable_fast_decode()
             save(ARGS.out)
         pipe = WorldPlayPipeline(models.dit, models.vae, device="cuda")
         if "profile" in sections:

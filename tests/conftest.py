@@ -6,6 +6,19 @@ import torch
 # Tests run on CPU with the tiny preset; keep them deterministic and light on 2 cores.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# `nox -s tests` skips the tests marked slow (minutes each on 2 cores); CI (.ci/run) and anyone
+# who wants everything sets WORLDPLAY_ALL_TESTS=1.
+ALL_TESTS_ENV = "WORLDPLAY_ALL_TESTS"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(ALL_TESTS_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow: set {ALL_TESTS_ENV}=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

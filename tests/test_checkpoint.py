@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -128,3 +129,115 @@ def test_hub_download_requires_pinned_revision_and_checks_digests(tmp_path, monk
     assert ident.repo_id == "org/repo" and ident.revision == rev
     with pytest.raises(CheckpointError, match="vae/config.json has sha256 .* expected 00"):
         ckpt.hub_download("org/repo", rev, expected_sha256={"vae/config.json": "00" * 32})
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: a strict load checks the kind of number as well as the key and the shape
+
+
+def _hy_model_pt(path, state):
+    """HY-WorldPlay's distilled layout: {'generator': {'model.<key>': tensor}}."""
+    torch.save({"generator": {f"model.{k}": v for k, v in state.items()}}, path)
+
+
+@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_weights_in_a_safetensors_dir_are_refused(model_dir, bad_dtype):
+    d, model = model_dir
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["proj_out.weight"] = state["proj_out.weight"].to(bad_dtype)
+    save_file(state, d / ckpt.SAFETENSORS_NAME)
+    name = str(bad_dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError) as info:
+        load_dit(d, device="cpu")
+    msg = str(info.value)
+    assert msg.startswith(str(d / ckpt.SAFETENSORS_NAME))  # the file ...
+    assert f"1 wrong dtype: proj_out.weight: checkpoint {name} vs model floating point" in msg  # ... and the key
+
+
+def test_non_float_weights_in_a_worldplay_model_pt_are_refused(tmp_path, model_dir):
+    d, _ = model_dir
+    hy = WanDiT(TINY, worldplay=True)
+    state = {k: v.to(torch.bfloat16) for k, v in hy.state_dict().items()}
+    state["patch_embedding.weight"] = state["patch_embedding.weight"].to(torch.int64)
+    state["blocks.0.norm2.weight"] = state["blocks.0.norm2.weight"] > 0
+    _hy_model_pt(tmp_path / "model.pt", state)
+    with pytest.raises(CheckpointError) as info:
+        load_dit(d, worldplay_weights=tmp_path / "model.pt", device="cpu")
+    msg = str(info.value)
+    assert msg.startswith(str(tmp_path / "model.pt"))
+    assert "2 wrong dtype: blocks.0.norm2.weight: checkpoint bool vs model floating point, " \
+           "patch_embedding.weight: checkpoint int64 vs model floating point" in msg
+
+
+def test_an_integer_vae_is_refused_and_a_float8_one_loads(tmp_path):
+    from worldplay.checkpoint import load_vae
+    from worldplay.config import VAE_PRESETS
+    from worldplay.nn.vae import WanVAE
+
+    cfg = VAE_PRESETS["tiny"]
+    d = tmp_path / "vae"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    state = {k: v.contiguous() for k, v in WanVAE(cfg).state_dict().items()}
+    save_file({k: (v * 100).to(torch.int32) for k, v in state.items()}, d / ckpt.SAFETENSORS_NAME)
+    weights = re.escape(str(d / ckpt.SAFETENSORS_NAME))
+    with pytest.raises(CheckpointError, match=rf"^{weights}: .* \d+ wrong dtype: .*int32 vs model floating point"):
+        load_vae(d, device="cpu")
+    # Narrower floating point is still floating point: loading casts it to the run's dtype.
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in state.items()}, d / ckpt.SAFETENSORS_NAME)
+    vae, _ = load_vae(d, device="cpu", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+
+
+def test_buffers_keep_the_dtype_family_the_module_declares():
+    class WithCounter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    module = WithCounter()
+    ckpt.check_state_dict(module, {"weight": torch.ones(2, dtype=torch.bfloat16),
+                                   "steps": torch.tensor(3, dtype=torch.int32)}, "ok.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: .*1 wrong dtype: steps: checkpoint float32 vs model integer"):
+        ckpt.check_state_dict(module, {"weight": torch.ones(2), "steps": torch.tensor(3.0)}, "bad.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# hub locations: checked before any download, failures as one line naming repo and commit
+
+
+def test_hub_spec_needs_a_repo_id():
+    from worldplay.models import HubLocation, parse_location
+
+    with pytest.raises(CheckpointError, match=r"^hf://@a{40}: '' is not a Hugging Face repo id"):
+        parse_location("hf://@" + "a" * 40)
+    assert parse_location("hf://tencent/HY-WorldPlay@" + "b" * 40) == HubLocation("tencent/HY-WorldPlay", "b" * 40)
+
+
+def test_offline_hub_miss_names_repo_commit_and_the_settings(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    rev = "c" * 40
+    with pytest.raises(CheckpointError) as info:
+        ckpt.hub_download("tencent/HY-WorldPlay", rev, cache_dir=tmp_path)  # the real library, an empty cache
+    msg = str(info.value)
+    assert msg.startswith(f"hf://tencent/HY-WorldPlay@{rev}: not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE" in msg and "HF_TOKEN" in msg and "\n" not in msg
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def no_network(**kwargs):
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as exc:
+            raise LocalEntryNotFoundError("Got: ConnectError: ...\nAn error happened ...") from exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(CheckpointError, match=r"^hf://org/repo@d{40}: not in the local Hugging Face cache and the Hub "
+                                              r"cannot be reached \(ConnectionError\); .*HF_TOKEN"):
+        ckpt.hub_download("org/repo", "d" * 40)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,136 @@ def test_gpu_only_attention_on_the_cpu_fails_cleanly(tmp_path, image, capsys, ba
     err = capsys.readouterr().err
     assert f"attention backend '{backend}' runs only on CUDA" in err and "sdpa" in err
     assert not (tmp_path / "v.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input is refused in one line, exit 2, before any model is built, with nothing written
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the run gets as far as building a model."""
+    import worldplay.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was refused")
+
+    monkeypatch.setattr(worldplay.models, "random_models", refuse)
+    monkeypatch.setattr(worldplay.models, "load_real_models", refuse)
+
+
+def _refused(capsys, code) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"),
+    [
+        ("banana", "--device 'banana' is not a device; use cpu, cuda or cuda:N"),
+        ("meta", "--device meta: worldplay runs on cpu or cuda"),
+        pytest.param("cuda", "--device cuda: ", marks=pytest.mark.skipif(
+            __import__("torch").cuda.is_available(), reason="a GPU is present")),
+        ("cuda:99", "--device cuda:99: "),
+    ],
+)
+def test_bad_device_is_refused(tmp_path, image, capsys, no_model_load, device, needle):
+    out = tmp_path / "out" / "v.mp4"
+    err = _refused(capsys, main(["run", "--image", str(image), "--preset", "tiny", "--random-init", "0",
+                                 "--pose", "w-3", "--num-chunk", "1", "--out", str(out), "--device", device]))
+    assert needle in err
+    assert not out.parent.exists()
+
+
+def test_bad_decode_device_is_refused(tmp_path, image, capsys, no_model_load):
+    err = _refused(capsys, _run(image, tmp_path / "v.mp4", "--pose", "w-3", "--num-chunk", "1",
+                                "--decode-device", "banana"))
+    assert "--decode-device 'banana' is not a device" in err
+
+
+def test_hub_location_without_repo_id_is_refused(tmp_path, image, capsys, no_model_load):
+    hf = "hf://@" + "a" * 40
+    err = _refused(capsys, main(["run", "--image", str(image), "--preset", "tiny", "--device", "cpu", "--pose", "w-3",
+                                 "--num-chunk", "1", "--out", str(tmp_path / "v.mp4"), "--checkpoint", hf,
+                                 "--base", str(tmp_path)]))
+    assert f"{hf}: '' is not a Hugging Face repo id" in err
+
+
+def test_offline_hub_miss_is_one_line(tmp_path, image, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hf = "hf://tencent/HY-WorldPlay@" + "e" * 40
+    err = _refused(capsys, main(["run", "--image", str(image), "--preset", "tiny", "--device", "cpu", "--pose", "w-3",
+                                 "--num-chunk", "1", "--out", str(tmp_path / "v.mp4"), "--checkpoint", hf,
+                                 "--base", str(tmp_path)]))
+    assert f"{hf}: not in the local Hugging Face cache" in err and "HF_HUB_OFFLINE" in err and "HF_TOKEN" in err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("size", [("--height", "0"), ("--width", "0"), ("--height", "-64"), ("--width", "48")])
+def test_bad_size_is_refused_not_replaced_by_the_default(tmp_path, image, capsys, no_model_load, size):
+    out = tmp_path / "v.mp4"
+    err = _refused(capsys, _run(image, out, "--pose", "w-3", "--num-chunk", "1", *size))
+    assert f"{size[0]} {size[1]}: must be a positive multiple of 32" in err
+    assert list(tmp_path.iterdir()) == [image]
+
+
+def test_a_size_multiple_of_the_stride_is_used(tmp_path, image):
+    out = tmp_path / "v.mp4"
+    assert _run(image, out, "--pose", "w-3", "--num-chunk", "1", "--height", "32", "--width", "64") == 0
+    assert read_video(out).shape == (13, 32, 64, 3)
+
+
+def test_output_in_a_file_instead_of_a_folder_is_refused(tmp_path, image, capsys, no_model_load):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    err = _refused(capsys, _run(image, blocker / "v.mp4", "--pose", "w-3", "--num-chunk", "1"))
+    assert f"cannot write output video '{blocker / 'v.mp4'}': '{blocker}' is not a directory" in err
+    assert "Errno" not in err
+
+
+def test_output_that_is_a_directory_is_refused(tmp_path, image, capsys, no_model_load):
+    (tmp_path / "v.mp4").mkdir()
+    err = _refused(capsys, _run(image, tmp_path / "v.mp4", "--pose", "w-3", "--num-chunk", "1", "--overwrite"))
+    assert "is a directory" in err  # refused before this change too; kept as a guard
+
+
+def test_stats_path_that_is_a_directory_is_refused_before_the_run(tmp_path, image, capsys, no_model_load):
+    (tmp_path / "v.json").mkdir()
+    err = _refused(capsys, _run(image, tmp_path / "v.mp4", "--pose", "w-3", "--num-chunk", "1", "--overwrite"))
+    assert f"cannot write stats file '{tmp_path / 'v.json'}': it is a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["start.png", "v.json"]  # no video without its stats
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused(tmp_path, image, capsys, no_model_load):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        err = _refused(capsys, _run(image, folder / "v.mp4", "--pose", "w-3", "--num-chunk", "1"))
+    finally:
+        folder.chmod(0o700)
+    assert f"cannot write output video '{folder / 'v.mp4'}': Permission denied" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs (no regular files, even for root)")
+def test_output_folder_without_write_access_is_refused(image, capsys, no_model_load):
+    err = _refused(capsys, _run(image, "/sys/kernel/v.mp4", "--pose", "w-3", "--num-chunk", "1"))
+    assert "cannot write output video '/sys/kernel/v.mp4': " in err and "Errno" not in err
+
+
+def test_os_errors_read_as_sentences(tmp_path, image, capsys, monkeypatch):
+    """A failure no check foresaw (here: the stats write) is one line without '[Errno N]'."""
+    import worldplay.media
+
+    def denied(path, obj, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(worldplay.media, "atomic_write_json", denied)
+    err = _refused(capsys, _run(image, tmp_path / "v.mp4", "--pose", "w-3", "--num-chunk", "1"))
+    assert err.strip() == f"worldplay run: error: cannot access {tmp_path / 'v.json'}: Permission denied"

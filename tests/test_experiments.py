@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from worldplay.experiments import runner as runner_mod
 from worldplay.experiments.flops import stage_flops, vae_decode_flops
 from worldplay.experiments.inputs import InputDigestError, InputError, InputManifest
 from worldplay.experiments.official_leg import OfficialLegUnavailable
-from worldplay.experiments.results import StaleResultError, check_fresh, latest_result
+from worldplay.experiments.results import StaleResultError, check_fresh, latest_result, verify_result
 from worldplay.experiments.runner import RunOptions, RunRefused, run_experiment
 from worldplay.experiments.schema import (
     ATTENTION_BACKENDS,
@@ -95,7 +96,7 @@ def tiny_bench(tmp_path_factory):
 def test_pinned_configs_are_valid():
     manifest = InputManifest.load(REPO_EXPERIMENTS / "inputs.toml")
     names = experiment_names(REPO_EXPERIMENTS)
-    assert {"bench-h100", "drift-bf16-vs-fp32", "rollouts-samples", "parity-official", "bench-tiny-cpu",
+    assert {"bench", "drift-bf16-vs-fp32", "rollouts-samples", "parity-official", "bench-tiny-cpu",
             "drift-tiny-cpu", "rollouts-tiny-cpu"} <= set(names)
     for name in names:
         cfg = load_config(REPO_EXPERIMENTS / f"{name}.toml", input_ids=manifest.kinds())
@@ -142,6 +143,17 @@ random_init = 0
         (("num_chunk = 8", 'num_chunk = 8\nattention_backend = "cudnn"'), "attention_backend"),
         (("num_chunk = 8", 'num_chunk = 8\nimage = "img-99"'), "image"),
         (('kind = "bench"', 'kind = "benchmark"'), "kind"),
+        # every numeric key has a range, not only a floor (issue 12, item 10)
+        (("num_chunk = 8", "num_chunk = 8\nseed = 1e23"), "seed"),
+        (("num_chunk = 8", "num_chunk = 8\nseed = 100000000000000000000000"), "seed"),
+        (("num_chunk = 8", "num_chunk = 8\nnoise_latents = 1e12"), "noise_latents"),
+        (("num_chunk = 8", "num_chunk = 8\nnoise_latents = 1000000000000"), "noise_latents"),
+        (("num_chunk = 8", "num_chunk = 1000000"), "num_chunk"),
+        (("num_chunk = 8", "num_chunk = 8\nrepetitions = 1000000000"), "repetitions"),
+        (("warmup_chunks = 5", "warmup_chunks = 100000000000"), "warmup_chunks"),
+        (("random_init = 0", "random_init = 18446744073709551616"), "weights.random_init"),
+        (("num_chunk = 8", "num_chunk = 8\nresolution = [64, 70400]"), "resolution[1]"),
+        (("num_chunk = 8", "num_chunk = 8\nresolution = [0, 96]"), "resolution[0]"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, edit, key):
@@ -153,6 +165,80 @@ def test_bad_config_names_the_key(tmp_path, edit, key):
         load_config(path, input_ids={"img-1": "image"})
     assert info.value.key == key
     assert f"'{key}'" in str(info.value) and "broken-tiny-cpu.toml" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1 and len(str(info.value)) < 500
+
+
+def test_numeric_ranges_leave_room_for_real_configs(tmp_path):
+    path = tmp_path / "wide-tiny-cpu.toml"
+    path.write_text(BENCH.replace("num_chunk = 8", "num_chunk = 1024\nnoise_latents = 4096\nseed = 9223372036854775807")
+                    .replace('pose = "w-31"', 'pose = "w-4095"'))
+    cfg = load_config(path)
+    assert (cfg.num_chunk, cfg.noise_latents, cfg.seed) == (1024, 4096, 2**63 - 1)
+
+
+def test_counts_in_config_messages_are_pluralised(tmp_path):
+    path = tmp_path / "one-tiny-cpu.toml"
+    one = BENCH.replace("num_chunk = 8", "num_chunk = 1").replace('pose = "w-31"', 'pose = "w-3"')
+    for text, fragment in [(one.replace("warmup_chunks = 5", "warmup_chunks = 0\nnoise_latents = 3"),
+                            "the 4 latents of 1 chunk"),
+                           (one.replace("warmup_chunks = 5", "warmup_chunks = 1"), "of the 1 chunk;"),
+                           (one.replace('pose = "w-3"', 'pose = "w-1"').replace("warmup_chunks = 5", "warmup_chunks = 0"),
+                            "gives 2 latents")]:
+        path.write_text(text)
+        with pytest.raises(ExperimentConfigError) as info:
+            load_config(path)
+        assert fragment in str(info.value) and "1 chunks" not in str(info.value)
+
+
+def test_two_spellings_of_one_pose_are_refused(tmp_path):
+    # both would be written to ...--w-31_right-3.mp4: the second rollout used to fail after the first
+    text = REPO_EXPERIMENTS.joinpath("rollouts-tiny-cpu.toml").read_text()
+    path = tmp_path / "r-tiny-cpu.toml"
+    path.write_text(text.replace('poses = ["w-31", "w-4,right-13,left-14"]', 'poses = ["w-31, right-3", "w-31,right-3"]'))
+    with pytest.raises(ExperimentConfigError) as info:
+        load_config(path, input_ids={"img-1": "image", "img-5": "image"})
+    msg = str(info.value)
+    assert info.value.key == "poses[1]"
+    assert "'w-31,right-3'" in msg and "'w-31, right-3'" in msg and "'w-31_right-3'" in msg
+    assert "--overwrite" not in msg
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"kind = \xff\n", "not UTF-8"),
+        (b"seed = " + b"9" * 5000 + b"\n", "not usable TOML"),
+        (b"a = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "nest too deeply"),
+        (b"kind = \n", "not valid TOML"),
+        (None, "cannot read: Is a directory"),
+    ],
+    ids=["not-utf8", "5000-digits", "deep", "syntax", "directory"],
+)
+def test_unreadable_configs_are_one_line_errors(tmp_path, content, fragment):
+    path = tmp_path / "bad-tiny-cpu.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ExperimentConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert fragment in msg and "[Errno" not in msg and len(msg.splitlines()) == 1 and len(msg) < 300
+
+
+def test_resolution_flags_are_checked_by_the_shared_rule():
+    import argparse
+
+    from worldplay.experiments.schema import image_side
+
+    parser = argparse.ArgumentParser(prog="worldplay run", exit_on_error=False)
+    parser.add_argument("--height", type=image_side)
+    assert parser.parse_args(["--height", "704"]).height == 704
+    for bad in ["0", "-32", "50", "70400", "x"]:
+        with pytest.raises(argparse.ArgumentError, match="--height"):
+            parser.parse_args(["--height", bad])
+    with pytest.raises(argparse.ArgumentTypeError, match="multiple of 32"):
+        image_side("0")  # 0 used to fall back to the preset's height without a word
 
 
 def test_rollout_inputs_and_poses_are_checked(tmp_path):
@@ -202,6 +288,67 @@ def test_manifest_refuses_a_file_with_a_wrong_digest(tmp_path):
         manifest.resolve("captions", data_dir=tmp_path / "empty", cache_dir=tmp_path / "c", download=False)
 
 
+_ENTRY = 'kind = "image"\nurl = "https://example.com/x.png"\nsha256 = "' + "0" * 64 + '"\n'
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ('inputs = "x"\n', "inputs"),
+        ("source = 3\n", "source"),
+        ("[inputs]\nx = 3\n", "inputs.x"),
+        ("[inputs.x]\n" + _ENTRY.replace('"image"', "3"), "inputs.x.kind"),
+        ("[inputs.x]\n" + _ENTRY.replace('"image"', '["image"]'), "inputs.x.kind"),
+        ("[inputs.x]\n" + _ENTRY.replace('"https://example.com/x.png"', "5"), "inputs.x.url"),
+        ("[inputs.x]\n" + _ENTRY.replace('"https://example.com/x.png"', '"https://example.com/"'), "inputs.x.url"),
+        ("[inputs.x]\n" + _ENTRY.replace('"' + "0" * 64 + '"', "5"), "inputs.x.sha256"),
+        ('[inputs."../x"]\n' + _ENTRY, "inputs.../x"),
+        ("[inputs.x]\n" + _ENTRY + "extra = 1\n", "inputs.x"),
+        ("seed = " + "9" * 5000 + "\n", "input manifest"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path, text, field):
+    path = tmp_path / "inputs.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        InputManifest.load(path)
+    msg = str(info.value)
+    assert f"{path}: {field}" in msg and len(msg.splitlines()) == 1 and len(msg) < 300
+
+
+def test_manifest_read_errors_have_no_errno_noise(tmp_path):
+    for path in (tmp_path / "missing.toml", tmp_path):
+        with pytest.raises(InputError) as info:
+            InputManifest.load(path)
+        assert "[Errno" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_manifest_download_and_read_errors_have_no_errno_noise(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from worldplay.experiments import inputs
+
+    exp, data = make_experiments_dir(tmp_path)
+    manifest = InputManifest.load(exp / "inputs.toml")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(InputError) as info:
+        manifest.resolve("img-1", data_dir=tmp_path / "empty", cache_dir=tmp_path / "c")
+    assert "(Name or service not known)" in str(info.value) and "Errno" not in str(info.value)
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(inputs, "sha256_of", unreadable)  # tests run as root: chmod refuses nothing
+    with pytest.raises(InputError) as info:
+        manifest.resolve("img-1", data_dir=data, cache_dir=tmp_path / "c")
+    assert str(info.value).endswith("1.png (from $WORLDPLAY_DATA_DIR (" + str(data) + ")): Permission denied")
+
+
 def test_manifest_rejects_non_https_urls(tmp_path):
     path = tmp_path / "inputs.toml"
     path.write_text('[inputs.x]\nkind = "image"\nurl = "http://example.com/x.png"\nsha256 = "' + "0" * 64 + '"\n')
@@ -246,8 +393,15 @@ def test_flop_counts_match_the_spec():
 def test_tiny_bench_writes_a_complete_result(tiny_bench):
     exp, options, result_dir = tiny_bench
     assert result_dir.parent == options.results_root / "bench-tiny-cpu"
-    assert sorted(p.name for p in result_dir.iterdir()) == ["chunks.csv", "config.toml", "provenance.json",
-                                                            "result.json"]
+    assert sorted(p.name for p in result_dir.iterdir()) == ["chunks.csv", "config.toml", "digests.json",
+                                                            "provenance.json", "result.json"]
+    # the digest manifest, written last, covers every other file and verifies
+    digests = json.loads((result_dir / "digests.json").read_text())
+    assert sorted(digests["files"]) == ["chunks.csv", "config.toml", "provenance.json", "result.json"]
+    assert all(digests["files"][f] == _sha(result_dir / f) for f in digests["files"])
+    assert all((result_dir / "digests.json").stat().st_mtime_ns >= (result_dir / f).stat().st_mtime_ns
+               for f in digests["files"])
+    assert verify_result(result_dir).config_hash == digests["config_hash"]
     assert (result_dir / "config.toml").read_bytes() == (exp / "bench-tiny-cpu.toml").read_bytes()
     result = json.loads((result_dir / "result.json").read_text())
     cfg = load_config(exp / "bench-tiny-cpu.toml")
@@ -364,15 +518,28 @@ def test_tiny_drift_compares_bf16_with_float32(workspace):
 # --------------------------------------------------------------------------------------------
 
 
-def test_official_leg_needs_a_checkout_unless_skipped(monkeypatch):
+def test_official_leg_without_a_checkout_is_skipped_in_a_bench_and_refused_in_parity(monkeypatch, tmp_path):
+    """A GPU user's `nox -s bench` with no official checkout runs the native legs and reports the
+    official one as skipped, with the reason and the command that prepares a checkout (issue 17)."""
+    from worldplay.experiments.context import RunContext
+    from worldplay.experiments.kinds.bench import _skip_reason
+
     monkeypatch.delenv("WORLDPLAY_OFFICIAL", raising=False)
-    bench, _, _ = runner_mod.load_experiment("bench-h100", REPO_EXPERIMENTS)
+    bench, _, _ = runner_mod.load_experiment("bench", REPO_EXPERIMENTS)
     parity, _, _ = runner_mod.load_experiment("parity-official", REPO_EXPERIMENTS)
-    with pytest.raises(OfficialLegUnavailable, match="bench-h100.*--official PATH"):
-        runner_mod._check_official(bench, RunOptions())
-    assert runner_mod._check_official(bench, RunOptions(skip_official=True)) is None
+    root, reason = runner_mod._check_official(bench, RunOptions())
+    assert root is None and reason == runner_mod.SKIPPED_NO_CHECKOUT
+    assert "scripts/prepare_official.sh" in reason and (REPO_EXPERIMENTS.parent / "scripts/prepare_official.sh").is_file()
+    assert runner_mod._check_official(bench, RunOptions(skip_official=True)) == (None, runner_mod.SKIPPED_BY_FLAG)
+    with pytest.raises(OfficialLegUnavailable, match="parity-official.*--official PATH"):
+        runner_mod._check_official(parity, RunOptions())
     with pytest.raises(RunRefused, match="only to benches"):
         runner_mod._check_official(parity, RunOptions(skip_official=True))
+    with pytest.raises(OfficialLegUnavailable, match="no such directory"):  # a wrong path is still an error
+        runner_mod._check_official(bench, RunOptions(official=str(tmp_path / "missing")))
+    ctx = RunContext(config=bench, run_id="r", device=torch.device("cpu"), manifest=None, scratch=tmp_path,
+                     video_dir=tmp_path, skip_official=True, official_skip_reason=reason)
+    assert _skip_reason(ctx) == reason  # what the bench writes as the official leg's "reason"
 
 
 def test_dirty_or_unknown_trees_are_refused(monkeypatch):
@@ -408,6 +575,16 @@ def test_cli_list_and_check(tiny_bench, capsys):
     assert main([*base, "check", "bench-tiny-cpu"]) == 0
     assert main([*base, "check", "drift-tiny-cpu"]) == 1
     assert "drift-tiny-cpu" in capsys.readouterr().err
+    # list agrees with check: a result edited after the run is not shown as fresh
+    (result_dir / "notes.txt").write_text("added later")
+    try:
+        assert main([*base, "list"]) == 0
+        assert f"{result_dir.name} (UNVERIFIED)" in capsys.readouterr().out
+        assert main([*base, "check", "bench-tiny-cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "notes.txt: not in digests.json" in err and len(err.strip().splitlines()) == 1
+    finally:
+        (result_dir / "notes.txt").unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,8 +679,7 @@ def test_fastest_settings_on_cuda_are_valid_and_use_every_fast_path(monkeypatch)
     compiled blocks with CUDA graphs, the fused kernels and the fast decoder; every key must be
     a RolloutSettings field (a typo would only show on the GPU)."""
     import worldplay.nn.attention as attention_mod
-    from worldplay.experiments.legs import fastest_settings
-    from worldplay.rollout import RolloutSettings
+    from worldplay.rollout import RolloutSettings, fastest_settings
 
     for usable, backend in ((True, "fa4"), (False, "cudnn")):
         monkeypatch.setattr(attention_mod, "fa4_usable", lambda usable=usable: usable)

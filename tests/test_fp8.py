@@ -1,12 +1,12 @@
 """FP8 linears: the quantisation round trip, the layer against bf16 and a float64 reference, the
-swap in and out of a DiT, and an fp8 rollout that stays close to the bf16 one."""
+fp8 variant of a DiT (the DiT itself untouched), and an fp8 rollout that stays close to the bf16 one."""
 
 import pytest
 import torch
 from conftest import tiny_pipeline_inputs
 
 from worldplay.models import random_models
-from worldplay.nn.fp8 import E4M3_MAX, Fp8Linear, fp8_linears, quantize_rows
+from worldplay.nn.fp8 import E4M3_MAX, Fp8Linear, Fp8Linears, quantize_rows
 from worldplay.pose import trajectory_from_pose_string
 from worldplay.rollout import RolloutError, RolloutSettings
 
@@ -38,16 +38,17 @@ def test_fp8_linears_swap_in_and_out():
     models = random_models("tiny", 0, device="cpu")
     block = models.dit.blocks[0]
     before = block.ffn.net[2]
-    with fp8_linears(models.dit):
-        assert isinstance(block.ffn.net[2], Fp8Linear) and isinstance(block.attn1.to_q, Fp8Linear)
-        assert not isinstance(block.attn2.to_k, Fp8Linear)  # text K/V: once per prompt, bf16
-    assert block.ffn.net[2] is before
-    with fp8_linears(models.dit):  # cached: the same quantised modules
-        first = block.ffn.net[2]
+    fp8 = Fp8Linears(models.dit)
+    block8 = fp8.model().blocks[0]  # the DiT that runs the fp8 linears
+    assert isinstance(block8.ffn.net[2], Fp8Linear) and isinstance(block8.attn1.to_q, Fp8Linear)
+    assert not isinstance(block8.attn2.to_k, Fp8Linear)  # text K/V: once per prompt, bf16
+    assert block8.attn2.to_k is block.attn2.to_k  # everything else is shared, not copied
+    assert block.ffn.net[2] is before and not isinstance(block.attn1.to_q, Fp8Linear)  # the DiT is untouched
+    first = fp8.model().blocks[0].ffn.net[2]  # cached: the same quantised modules
+    assert first is block8.ffn.net[2]
     with torch.no_grad():
         before.weight.mul_(2)  # a weight change invalidates the cache
-    with fp8_linears(models.dit):
-        assert block.ffn.net[2] is not first
+    assert fp8.model().blocks[0].ffn.net[2] is not first
 
 
 def test_fp8_rollout_stays_close_to_bf16():

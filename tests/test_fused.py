@@ -28,11 +28,12 @@ KERNEL_CHECK = textwrap.dedent("""
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     failures = []
-    for batch, heads, head_dim, prope_on, indexed, with_q in [
-        (1, 3, 128, True, False, True),   # 3 heads: a row padded to 4 in the kernel
-        (2, 2, 16, True, True, True),     # batch 2, token-index writes (reuse mode)
-        (1, 2, 32, False, False, True),   # the backbone without PRoPE
-        (1, 3, 128, True, False, False),  # the last prefill block: keys/values only
+    for batch, heads, head_dim, prope_on, indexed, with_q, normed in [
+        (1, 3, 128, True, False, True, False),   # 3 heads: a row padded to 4 in the kernel
+        (2, 2, 16, True, True, True, False),     # batch 2, token-index writes (reuse mode)
+        (1, 2, 32, False, False, True, False),   # the backbone without PRoPE
+        (1, 3, 128, True, False, False, False),  # the last prefill block: keys/values only
+        (1, 2, 128, True, False, True, True),    # a rank's heads over several ranks: q, k come normalised
     ]:
         frames, hh, ww = 2, 2, 3
         length = frames * hh * ww
@@ -52,7 +53,8 @@ KERNEL_CHECK = textwrap.dedent("""
         for fn in (rotate_and_store_reference, lambda *a: rotate_and_store(*a, kernel=kernel)):
             buffers = tuple(torch.full((branches * batch, length + 5, heads, head_dim), 7.0, dtype=bf16)
                             for _ in range(2))
-            q_all = fn(q if with_q else None, k, v, w_q, w_k, 1e-6, rope, prope, buffers, write, heads)
+            weights = (None, None) if normed else (w_q, w_k)
+            q_all = fn(q if with_q else None, k, v, *weights, 1e-6, rope, prope, buffers, write, heads)
             outs.append((q_all, *buffers))
         for name, ref, got in zip(("q", "k buffer", "v buffer"), *outs):
             if ref is None and got is None:

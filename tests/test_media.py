@@ -136,7 +136,135 @@ def test_load_image_errors_name_the_file(tmp_path):
         load_image(tmp_path, TW, TH)
     with pytest.raises(MediaError):
         load_image(good, 0, TH)
+    with pytest.raises(MediaError):
+        load_image(good, True, TH)  # a bool is not a size (it was taken as 1)
     assert issubclass(MediaError, ValueError)
+
+
+def _write_png16(path, values):
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by the last axis) written byte by byte, so the
+    test does not depend on which 16-bit modes PIL can save."""
+    import struct
+    import zlib
+
+    values = np.asarray(values, dtype=">u2")
+    h, w = values.shape[:2]
+    colour = 0 if values.ndim == 2 else {2: 4, 3: 2, 4: 6}[values.shape[2]]
+    raw = b"".join(b"\x00" + values[y].tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _sixteen_bit_grey(w=96, h=64):
+    """Values spread over the whole 16-bit range (a photo's tones, not just its darkest 256)."""
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 65536, (h, w)).astype(np.uint16)
+
+
+def test_load_image_scales_16_bit_greyscale_png(tmp_path):
+    values = _sixteen_bit_grey()
+    path = _write_png16(tmp_path / "grey16.png", values)
+    assert Image.open(path).mode == "I;16"
+    out = load_image(path, 96, 64)  # same size: no resampling, the values are checked exactly
+    expected = torch.from_numpy((values >> 8).astype(np.float32) / 127.5 - 1.0)
+    assert torch.equal(out, expected.expand(3, -1, -1))
+    assert float((out == 1.0).float().mean()) < 0.01  # was 99.7 % white (values clipped at 255)
+    # and the same as PIL's own 16 -> 8 bit rule for an RGB PNG of the same values
+    rgb = _write_png16(tmp_path / "rgb16.png", np.stack([values] * 3, -1))
+    assert torch.equal(load_image(rgb, 96, 64), out)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_load_image_scales_other_16_bit_modes(tmp_path, mode):
+    values = _sixteen_bit_grey(40, 24)
+    if mode == "I":  # PIL reads 16-bit PGMs as 32-bit "I"
+        path = tmp_path / "grey.pgm"
+        path.write_bytes(b"P5\n40 24\n65535\n" + values.astype(">u2").tobytes())
+    else:
+        path = tmp_path / "grey.tif"
+        data = values.astype(">u2" if mode == "I;16B" else "<u2").tobytes()
+        Image.frombytes(mode, (40, 24), data).save(path)
+    assert Image.open(path).mode == mode
+    out = load_image(path, 40, 24)
+    assert torch.equal(out[0], torch.from_numpy((values >> 8).astype(np.float32) / 127.5 - 1.0))
+
+
+def test_load_image_refuses_images_without_a_bit_depth(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(MediaError, match="f.tif.*32-bit float"):
+        load_image(tmp_path / "f.tif", 32, 32)
+    # a 32-bit TIFF may hold 0..255 or 0..2^32-1: refused either way rather than guessed at
+    for value in (200, 70000):
+        Image.fromarray(np.full((8, 8), value, np.int32)).save(tmp_path / "i32.tif")
+        with pytest.raises(MediaError, match="i32.tif.*32-bit integer"):
+            load_image(tmp_path / "i32.tif", 32, 32)
+
+
+def test_load_image_refuses_extreme_aspect_ratios_before_resizing(tmp_path, monkeypatch):
+    Image.new("RGB", (2000, 1), (128, 128, 128)).save(tmp_path / "line.png")
+
+    def no_resize(*args, **kwargs):
+        raise AssertionError("resize() was called: the bound must come before any resampling")
+
+    monkeypatch.setattr(Image.Image, "resize", no_resize)
+    with pytest.raises(MediaError) as e:
+        load_image(tmp_path / "line.png", TW, TH)
+    from worldplay.media import MAX_RESIZE_EXCESS
+
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "line.png" in msg and "2000x1" in msg and "1408000x704" in msg and f"{MAX_RESIZE_EXCESS}x" in msg
+
+
+def test_load_image_still_takes_wide_panoramas(tmp_path):
+    # 96x64 is 1.5:1; a 20:1 image is 13x the crop's area once resized, within the bound
+    _pattern_image(1280, 64).save(tmp_path / "pano.png")
+    assert load_image(tmp_path / "pano.png", 96, 64).shape == (3, 64, 96)
+
+
+def test_load_image_extreme_aspect_ratio_peak_memory(tmp_path):
+    """The real cost, measured in a fresh process: a 20000x1 PNG at 96x64 resized to
+    1280000x64 first (about 400 MB of peak RSS); refused, it costs nothing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    Image.new("RGB", (20000, 1), (128, 128, 128)).save(tmp_path / "line.png")
+    script = textwrap.dedent(f"""
+        import resource
+        from worldplay.media import MediaError, load_image
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            load_image({str(tmp_path / "line.png")!r}, 96, 64)
+        except MediaError:
+            pass
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
+                          check=True)
+    grew_mb = int(done.stdout.strip().splitlines()[-1])
+    assert grew_mb < 50, f"peak RSS grew by {grew_mb} MB"
+
+
+def test_load_image_os_errors_read_without_errno_noise(tmp_path, monkeypatch):
+    path = tmp_path / "locked.png"
+    _pattern_image(8, 8).save(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", refuse)  # tests run as root, where chmod refuses nothing
+    with pytest.raises(MediaError) as e:
+        load_image(path, 32, 32)
+    assert str(e.value) == f"cannot read input image {str(path)!r}: Permission denied"
 
 
 # ------------------------------------------------------------------------ frames_to_uint8

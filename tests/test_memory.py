@@ -196,3 +196,148 @@ def test_reuse_plan_keeps_slots_and_fills_vacated_ones():
     state.commit(sel, kept, missing)
     assert [s for _, s in missing] == [8, 9, 10, 11] and state.slot[12] == 8
     assert state.positions[4] == 0  # its keys must move from position 4 to 0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_every_kv_write_takes_the_one_store_path(models, fused, monkeypatch):
+    """A memory prefill's last block writes only its keys/values, and they are those of a full
+    block call (the same store path, bit for bit); the fused path on the CPU (the reference
+    code) writes the same buffers; and the attention backend reaches every attention call,
+    cached or not, self- or cross-, inside ``SelfAttnInputs``."""
+    import worldplay.nn.dit as dit_module
+
+    backends = []
+
+    def recording(*args, backend="sdpa", **kwargs):
+        backends.append(backend)
+        return attention(*args, backend=backend, **kwargs)
+
+    attention = dit_module.attention
+    monkeypatch.setattr(dit_module, "attention", recording)
+    n_mem = 8
+    x, text, actions, viewmats, ks = _chunk_inputs(n_mem, seed=7)
+    buffers = {}
+    for prefill in (True, False):
+        for use_fused in (False, fused):
+            kv = MemoryKV(CFG.num_layers, 1, 2, S, CFG.num_attention_heads, CFG.attention_head_dim,
+                          device="cpu", dtype=torch.float32)
+            with torch.no_grad():
+                models(x, torch.full((1, n_mem), 14.0), text, frame_positions=memory_positions(n_mem)[0],
+                       actions=actions, viewmats=viewmats, intrinsics=ks, kv_buffers=kv,
+                       write=kv.memory_tokens(n_mem), read=kv.memory_tokens(n_mem), prefill=prefill,
+                       attention_backend="math", fused_kernels=use_fused)
+            buffers[prefill, use_fused] = kv
+    reference = buffers[False, False]
+    assert reference.k.abs().sum() > 0
+    for kv in buffers.values():
+        assert torch.equal(kv.k, reference.k) and torch.equal(kv.v, reference.v)
+    assert backends and set(backends) == {"math"}
+
+
+# -- fp8 memory K/V (RolloutSettings.kv_dtype="fp8") -------------------------------------------
+
+
+def _fp8_kv(memory_slots=MEMORY_SLOTS, dtype=torch.bfloat16):
+    from worldplay.memory import Fp8MemoryKV
+
+    return Fp8MemoryKV(CFG.num_layers, 1, 2, S, CFG.num_attention_heads, CFG.attention_head_dim,
+                       device="cpu", dtype=dtype, memory_slots=memory_slots)
+
+
+def test_quantized_heads_round_trip_within_e4m3_precision():
+    """Per token and head absmax scaling: every value comes back within half an e4m3 step
+    (3 mantissa bits: 2^-4 relative) or, below e4m3's normal range, half its smallest step."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from worldplay.memory import quantize_heads
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3))
+    def check(seed, magnitude):
+        x = torch.randn(3, 5, 2, 16, generator=torch.Generator().manual_seed(seed)) * magnitude
+        x8, scale = quantize_heads(x)
+        back = x8.float() * scale
+        bound = torch.maximum(x.abs() * 2.0**-4, scale * 2.0**-10) * 1.0001
+        assert (back - x).abs().le(bound).all()
+        assert scale.shape == (3, 5, 2, 1)
+
+    check()
+
+
+def test_fp8_kv_chunk_attends_to_its_own_keys_exactly(models):
+    """With no memory (chunk 0) the chunk's keys/values never pass through e4m3: they go
+    straight to the work buffer, so the step equals the bf16 store's bit for bit."""
+    model = WanDiT(CFG, worldplay=True).eval().to(torch.bfloat16)
+    model.load_state_dict(models.state_dict())
+    x, text, actions, viewmats, ks = _chunk_inputs(4, seed=11)
+    outs = []
+    for kv in (MemoryKV(CFG.num_layers, 1, 2, S, CFG.num_attention_heads, CFG.attention_head_dim, device="cpu",
+                        dtype=torch.bfloat16), _fp8_kv()):
+        with torch.no_grad():
+            outs.append(model(x, torch.full((1, 4), 900.0), text, frame_positions=torch.arange(4.0), actions=actions,
+                              viewmats=viewmats, intrinsics=ks, kv_buffers=kv, write=kv.chunk_tokens(),
+                              read=kv.attended_tokens(0)))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fp8_kv_store_holds_the_prefill_keys_and_the_step_stays_close(models):
+    """A prefill of 8 memory frames stores e4m3 keys/values that dequantise to the bf16 store's
+    within e4m3 precision; the step that attends to them stays within a few percent of the bf16
+    result (the drift experiments measure what this does to a rollout)."""
+    model = WanDiT(CFG, worldplay=True).eval().to(torch.bfloat16)
+    model.load_state_dict(models.state_dict())
+    n_mem = 8
+    x, text, actions, viewmats, ks = _chunk_inputs(n_mem + 4, seed=3)
+    mem = (x[:, :, :n_mem], actions[:, :n_mem], viewmats[:, :n_mem], ks[:, :n_mem])
+    chunk = (x[:, :, n_mem:], actions[:, n_mem:], viewmats[:, n_mem:], ks[:, n_mem:], text)
+    exact = MemoryKV(CFG.num_layers, 1, 2, S, CFG.num_attention_heads, CFG.attention_head_dim, device="cpu",
+                     dtype=torch.bfloat16)
+    fp8 = _fp8_kv()
+    with torch.no_grad():
+        want = _memory_rollout_step(model, n_mem, exact, mem, chunk, 960.0)
+        got = _memory_rollout_step(model, n_mem, fp8, mem, chunk, 960.0)
+    block = exact.memory_tokens(n_mem)
+    for layer in range(CFG.num_layers):
+        q = fp8.layer(layer)
+        for x8, scale, ref in ((q.k8, q.k_scale, exact.k[layer]), (q.v8, q.v_scale, exact.v[layer])):
+            back = x8[:, block].float() * scale[:, block]
+            assert (back - ref[:, block].float()).abs().le(ref[:, block].float().abs() * 2.0**-4 + scale[:, block]
+                                                           * 2.0**-9).all()
+    assert not torch.equal(got, want)
+    assert rel_err(got, want) < 0.05
+
+
+def test_released_kv_is_rebuilt_without_reading_stale_slots(monkeypatch):
+    """release_kv_for_decode frees the K/V before every decode; the next prefill reallocates it.
+    Reallocated as NaN, any slot read before it is written would poison the frames: the rollout
+    equals the default one bit for bit, so nothing is read from before the release."""
+    from conftest import tiny_pipeline_inputs
+
+    import worldplay.memory as memory
+    from worldplay.pose import trajectory_from_pose_string
+    from worldplay.rollout import RolloutSettings
+
+    real = memory._allocate
+    calls = []
+
+    def nan_after_the_first(what, shapes, device):
+        out = real(what, shapes, device)
+        calls.append(what)
+        if len(calls) > 1:
+            for t in out.values():
+                t.fill_(float("nan"))
+        return out
+
+    pipe, image, text = tiny_pipeline_inputs()
+    traj = trajectory_from_pose_string("w-23")
+
+    def run(**overrides):
+        settings = RolloutSettings(num_chunk=6, seed=0, noise_latents=24, **overrides)
+        return torch.cat([o.frames for o in pipe.rollout(image, text, traj, settings)])
+
+    plain = run()
+    monkeypatch.setattr(memory, "_allocate", nan_after_the_first)
+    released = run(release_kv_for_decode=True)
+    assert len(calls) == 6  # the first allocation and one after each of the first five decodes
+    assert torch.equal(released, plain)

@@ -220,10 +220,12 @@ def test_valid_command_lists_round_trip(cmds, sep):
     )
 )
 def test_garbage_parses_or_raises_pose_error(pose):
+    from worldplay.pose import excerpt
+
     try:
         t = trajectory_from_pose_string(pose)
     except PoseError as e:
-        assert e.token in str(e)
+        assert excerpt(e.token, 40) in str(e)  # shown with control characters escaped
         assert e.token in pose
     else:
         assert len(t) >= 2 and 0 <= t.actions.min() and t.actions.max() <= 80
@@ -293,7 +295,8 @@ def test_json_singular_extrinsic(tmp_path):
     entries = _entries()
     entries["2"]["extrinsic"] = np.zeros((4, 4)).tolist()
     msg = _bad(tmp_path, entries)
-    assert 'entry "2" field extrinsic' in msg and "singular" in msg
+    # (split off the file name: tmp_path holds this test's name, so any word of it would match)
+    assert 'entry "2" field extrinsic' in msg and "scaled or sheared" in msg.split("bad.json")[1]
 
 
 def test_json_bad_principal_point(tmp_path):
@@ -338,3 +341,175 @@ def test_trajectory_rejects_inconsistent_arrays():
     t = trajectory_from_pose_string("w-2")
     with pytest.raises(ValueError, match="actions"):
         Trajectory(t.c2w, t.viewmats, t.intrinsics, t.actions[:2], "x")
+
+
+# ------------------------------------------------------------------------------------------
+# Bad-input audit (issue 12): every bad value is a one-line PoseError at the boundary
+
+
+def _one_line(e: PoseError, limit: int = 400) -> str:
+    msg = str(e)
+    assert len(msg.splitlines()) == 1 and len(msg) <= limit, msg
+    return msg
+
+
+def test_a_5000_digit_duration_is_a_pose_error():
+    # int() of more than 4300 digits raises a bare ValueError (Python's int_max_str_digits)
+    with pytest.raises(PoseError) as e:
+        parse_pose_string("w-" + "9" * 5000)
+    assert f"more than {MAX_STEPS} steps" in _one_line(e.value)
+
+
+def test_a_long_pose_is_shortened_in_messages_with_its_length():
+    pose = "x" * 100_000 + "-1"
+    with pytest.raises(PoseError) as e:
+        parse_pose_string(pose)
+    msg = _one_line(e.value)
+    assert "(100002 characters)" in msg and "unknown action" in msg
+
+
+def test_line_breaks_in_a_pose_stay_on_one_line():
+    with pytest.raises(PoseError) as e:
+        parse_pose_string("w-3,\nx-2\r\n")
+    assert "x-2" in _one_line(e.value)
+
+
+def test_for_chunks_suggests_only_poses_the_step_cap_allows():
+    t = trajectory_from_pose_string("w-4")
+    with pytest.raises(PoseError) as e:
+        t.for_chunks(1_000_000)
+    msg = _one_line(e.value)
+    assert "w-3999999" not in msg
+    from worldplay.pose import MAX_CHUNKS
+
+    assert MAX_CHUNKS == (MAX_STEPS + 1) // 4 and f"at most {MAX_CHUNKS} chunks" in msg
+    # the largest count that fits still gets a usable suggestion
+    with pytest.raises(PoseError, match=f"'w-{MAX_CHUNKS * 4 - 1}'"):
+        t.for_chunks(MAX_CHUNKS)
+    assert len(parse_pose_string(f"w-{MAX_CHUNKS * 4 - 1}")) == 1
+
+
+def test_counts_in_messages_are_pluralised():
+    with pytest.raises(PoseError) as e:
+        trajectory_from_pose_string("w-2").for_chunks(1)
+    msg = str(e.value)
+    assert "1 chunk needs" in msg and "3 latents" in msg and "1 chunks" not in msg
+    with pytest.raises(PoseError) as e:
+        trajectory_from_pose_string("w-4").for_chunks(2)
+    assert "at most 1 chunk with" in str(e.value) and "1 chunks" not in str(e.value)
+
+
+def _rigid(i: int) -> np.ndarray:
+    return trajectory_from_pose_string("right-2,w-2").c2w[i].copy()
+
+
+def _with(m: np.ndarray, edit) -> np.ndarray:
+    m = m.copy()
+    edit(m)
+    return m
+
+
+@pytest.mark.parametrize(
+    "extrinsic, fragment",
+    [
+        (_with(_rigid(2), lambda m: m.__setitem__((slice(0, 3), slice(0, 3)), m[:3, :3] * 2)), "scaled or sheared"),
+        (_with(_rigid(2), lambda m: m.__setitem__((slice(0, 3), slice(0, 3)), m[:3, :3] * 1e-7)),
+         "scaled or sheared"),
+        (_with(_rigid(2), lambda m: m.__setitem__((0, 1), m[0, 1] + 0.5)), "scaled or sheared"),
+        (_with(_rigid(2), lambda m: m.__setitem__((slice(None), 0), -m[:, 0])), "determinant -1"),
+        (_with(_rigid(2), lambda m: m.__setitem__(3, [0.1, 0, 0, 1])), "last row"),
+        (_with(_rigid(2), lambda m: m.__setitem__(3, [0, 0, 0, 2])), "last row"),
+        (_with(_rigid(2), lambda m: m.__setitem__((0, 3), 1e9)), "translation"),
+    ],
+    ids=["scaled-2x", "scaled-1e-7", "sheared", "reflection", "last-row", "last-row-scale", "far"],
+)
+def test_json_extrinsic_must_be_rigid(tmp_path, extrinsic, fragment):
+    entries = _entries()
+    entries["2"]["extrinsic"] = extrinsic.tolist()
+    path = tmp_path / "traj.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(PoseError) as e:
+        load_trajectory_json(path)
+    from worldplay.pose import RIGID_TOLERANCE
+
+    msg = _one_line(e.value).split("traj.json", 1)[1]
+    assert 'entry "2" field extrinsic' in msg and fragment in msg
+    if fragment != "translation":
+        assert f"{RIGID_TOLERANCE:g}" in msg or "determinant" in msg
+
+
+def test_json_rotations_rounded_like_real_files_are_accepted(tmp_path):
+    t = trajectory_from_pose_string("right-7,up-3,w-5")
+    c2w = np.round(t.c2w, 4)  # 4 decimals, as a hand-written or float32 file might hold
+    u = load_trajectory_json(write_json(tmp_path / "t.json", c2w))
+    assert np.array_equal(u.c2w, c2w)
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda K: K[0].__setitem__(0, 1e300), "above 1e+06"),
+        (lambda K: K[1].__setitem__(1, 1e-3), "fy / (2 cy)"),
+        (lambda K: K[0].__setitem__(0, 2e5), "fx / (2 cx)"),
+        (lambda K: K[0].__setitem__(1, 3.0), "skew"),
+        (lambda K: K[2].__setitem__(2, 0.0), "last row"),
+        (lambda K: K[0].__setitem__(0, 10**400), "non-finite"),
+    ],
+    ids=["fx-1e300", "fy-tiny", "fx-huge", "skew", "last-row", "int-beyond-float"],
+)
+def test_json_intrinsics_must_be_sane(tmp_path, edit, fragment):
+    entries = _entries()
+    edit(entries["1"]["K"])
+    path = tmp_path / "traj.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(PoseError) as e:
+        load_trajectory_json(path)
+    msg = _one_line(e.value)
+    assert 'entry "1" field K' in msg and fragment in msg
+
+
+def test_json_deep_nesting_is_one_line_not_a_recursion_error(tmp_path):
+    for text in ["[" * 100_000 + "]" * 100_000, '{"0": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                 '{"0": {"extrinsic": ' + "[" * 500 + "]" * 500 + ', "K": 1}}']:
+        path = tmp_path / "deep.json"
+        path.write_text(text)
+        with pytest.raises(PoseError) as e:
+            load_trajectory_json(path)
+        assert "nests more than" in _one_line(e.value)
+
+
+def test_json_file_size_is_checked_before_reading(tmp_path):
+    path = tmp_path / "huge.json"
+    with open(path, "wb") as f:
+        f.truncate(512 * 2**20)  # sparse: 512 MiB that nothing needs to read
+    with pytest.raises(PoseError) as e:
+        load_trajectory_json(path)
+    assert "512.0 MiB, more than the 8 MiB" in _one_line(e.value)
+
+
+def test_json_entry_count_is_capped_like_the_step_count(tmp_path):
+    MAX_LATENTS = MAX_STEPS + 1  # a pose string of MAX_STEPS steps
+    entry = {"extrinsic": np.eye(4, dtype=int).tolist(), "K": [[9, 0, 9], [0, 9, 9], [0, 0, 1]]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({str(i): entry for i in range(MAX_LATENTS + 1)}))
+    with pytest.raises(PoseError) as e:
+        load_trajectory_json(path)
+    assert f"{MAX_LATENTS + 1} entries, more than the {MAX_LATENTS}" in _one_line(e.value)
+
+
+def test_json_read_errors_have_no_errno_noise(tmp_path):
+    for path in (tmp_path / "nope.json", tmp_path):
+        with pytest.raises(PoseError) as e:
+            load_trajectory_json(path)
+        msg = _one_line(e.value)
+        assert "[Errno" not in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("key", ["²", "9" * 5000, "01", "-1"])
+def test_json_keys_that_only_look_like_indices_are_named(tmp_path, key):
+    # "²".isdigit() is true but int("²") raises, and int() of 5000 digits hits Python's limit
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({key: 1}))
+    with pytest.raises(PoseError) as e:
+        load_trajectory_json(path)
+    assert "unexpected keys" in _one_line(e.value)

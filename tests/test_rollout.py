@@ -182,3 +182,53 @@ def test_graph_replays_refresh_their_static_inputs(monkeypatch, memory_mode, rer
     assert stats.captures == 2 and stats.replays > 0
     for a, b in zip(out["graphs"], out["eager"], strict=True):
         assert torch.equal(a.latents, b.latents)
+
+
+def _plain_attributes(module: torch.nn.Module) -> dict:
+    """A module's own attributes (not its parameters, buffers or children): values of plain
+    types, the identity of anything else (a speed-up that stores a compiled function, a cache or
+    a flag on a shared model shows here)."""
+    plain = (bool, int, float, str, type(None), torch.dtype, tuple)
+    return {k: v if isinstance(v, plain) else id(v) for k, v in vars(module).items()
+            if k not in ("_parameters", "_buffers", "_modules")}
+
+
+def _model_state(model: torch.nn.Module):
+    modules = {name: (type(m), _plain_attributes(m)) for name, m in model.named_modules()}
+    tensors = {name: (id(t), t.dtype, t.device, t.stride())
+               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    return modules, tensors, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_fast_settings_leave_the_models_as_loaded(monkeypatch, rerun_graph):
+    """Every speed-up of a fastest-style rollout (fp8 linears, the channels-last decoder, CUDA
+    graphs emulated on the CPU, fused kernels, reuse, float32 RoPE tables) lives in the runners:
+    afterwards the shared models have the same modules, attributes, parameter objects, dtypes,
+    strides and values, and a default rollout on them equals one on freshly built models, bit
+    for bit. (Compilation is skipped here: ``torch.compile`` is the identity.)"""
+    import worldplay.accel as accel
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(accel, "CapturedCall", rerun_graph)
+    monkeypatch.setattr(accel.DiTRunner, "_use_graphs", lambda self, device, n_mem: n_mem == MEMORY_SLOTS
+                        and "graphs" in self.mode)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    pipe, image, text = tiny_pipeline_inputs()
+    traj = trajectory_from_pose_string("w-23")
+    before = {name: _model_state(m) for name, m in (("dit", pipe.dit), ("vae", pipe.vae))}
+    fast = RolloutSettings(num_chunk=6, noise_latents=24, accel="compile+graphs", fast_decode=True,
+                           linear_dtype="fp8", fused_kernels=True, memory_mode="reuse", official_rope_tables=False)
+    assert len(list(pipe.rollout(image, text, traj, fast))) == 6
+    assert pipe.last_accel_stats.captures == 2  # the runner did take the graph path
+    for name, model in (("dit", pipe.dit), ("vae", pipe.vae)):
+        modules, tensors, values = _model_state(model)
+        assert modules == before[name][0], name
+        assert tensors == before[name][1], name
+        assert values.keys() == before[name][2].keys() and all(
+            torch.equal(v, before[name][2][k]) for k, v in values.items()), name
+
+    default = RolloutSettings(num_chunk=6, noise_latents=24)
+    after_fast = list(pipe.rollout(image, text, traj, default))
+    fresh, _, _ = tiny_pipeline_inputs()
+    for a, b in zip(after_fast, fresh.rollout(image, text, traj, default), strict=True):
+        assert torch.equal(a.frames, b.frames) and torch.equal(a.latents, b.latents), a.index

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("pandas")
 pytest.importorskip("matplotlib")
 
+from worldplay.experiments.results import write_digests  # noqa: E402
 from worldplay.experiments.runner import RunOptions, run_experiment  # noqa: E402
 from worldplay.experiments.schema import load_config  # noqa: E402
 from worldplay.site import TINY_LABEL, SiteError  # noqa: E402
@@ -28,12 +29,13 @@ from worldplay.site.gallery import VideoCard, check_https_url, gallery_markdown 
 from worldplay.site.load import load_site, load_site_config  # noqa: E402
 from worldplay.site.pages import render_site  # noqa: E402
 from worldplay.site.tables import markdown_table  # noqa: E402
+from worldplay.site.text import escape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["bench-tiny-cpu", "drift-tiny-cpu", "rollouts-tiny-cpu"]
 SITE_TOML = f"""required = {json.dumps(REQUIRED)}
 [model_card]
-bench = ["bench-h100", "bench-tiny-cpu"]
+bench = ["bench", "bench-tiny-cpu"]
 drift = ["drift-bf16-vs-fp32", "drift-tiny-cpu"]
 parity = ["parity-official"]
 gallery = ["rollouts-samples", "rollouts-tiny-cpu"]
@@ -85,6 +87,7 @@ def _fake_rollouts(experiments: Path, results: Path, videos: Path) -> Path:
         "files": ["result.json", "chunks.csv", "provenance.json", "config.toml", "videos.json"],
         "summary": {"videos": 2, "leg": {"name": "native-eager", "settings": {}}, "resolution": [64, 96], "fps": 16,
                     "prompts": "random prompt embeddings", "per_video": per_video}}))
+    write_digests(out, cfg.config_hash)  # last, as a run does
     return out
 
 
@@ -129,7 +132,9 @@ def test_render_pages_charts_and_labels(fixture_tree, tmp_path):
     pinned = sorted(p.stem for p in (ROOT / "experiments").glob("*.toml") if p.name != "inputs.toml")
     assert {f"experiments/{n}.md" for n in pinned} <= names
     assert {"charts/bench-tiny-cpu-stages.svg", "charts/bench-tiny-cpu-chunks.svg", "charts/drift-tiny-cpu-drift.svg",
-            "charts/pose-w-31-8-trajectory.svg", "charts/pose-w-31-8-seed0-memory.svg"} <= names
+            "charts/pose-w-31-8-trajectory.svg"} <= names
+    # the memory map is named by its source: the run's recorded selection, or computed here without one
+    assert any(n.startswith("charts/pose-w-31-8-seed0-memory-") and n.endswith(".svg") for n in names), sorted(names)
 
     bench = (out / "experiments/bench-tiny-cpu.md").read_text()
     cfg = load_config(fixture_tree / "experiments/bench-tiny-cpu.toml")
@@ -141,12 +146,12 @@ def test_render_pages_charts_and_labels(fixture_tree, tmp_path):
     assert f"code commit {commit}" in bench
     for field in ("commit", "device class, device", "torch / CUDA / cuDNN", "weights", "started / finished (UTC)",
                   "command"):
-        assert f"| {field} |" in bench
+        assert f"| {escape(field)} |" in bench
     assert "/generated/charts/bench-tiny-cpu-stages.svg" in bench
     # memory map computed from the pose agrees with what the run recorded
     assert "✗" not in bench and "✓" in bench
 
-    gpu = (out / "experiments/bench-h100.md").read_text()
+    gpu = (out / "experiments/bench.md").read_text()
     assert "not yet run" in gpu and TINY_LABEL not in gpu
     index = (out / "fragments/experiments_index.md").read_text()
     assert "not yet run" in index and "fresh" in index
@@ -186,16 +191,27 @@ def test_stale_result_fails_naming_the_experiment(tree):
     assert done.returncode == 1 and "drift-tiny-cpu" in done.stderr and not (tree / "out").exists()
 
 
-def test_a_description_change_keeps_the_result_fresh(tree):
+def test_a_description_change_makes_the_result_stale(tree):
+    """The description is not hashed, but the page shows it next to the numbers."""
     path = tree / "experiments/drift-tiny-cpu.toml"
     path.write_text(path.read_text().replace("harness check", "a harness check"))
+    with pytest.raises(SiteError, match="drift-tiny-cpu.*description differs.*stale"):
+        _site(tree)
+
+
+def test_a_comment_change_keeps_the_result_fresh(tree):
+    path = tree / "experiments/drift-tiny-cpu.toml"
+    path.write_text("# a comment\n" + path.read_text())
     site = _site(tree)
     assert site.experiments["drift-tiny-cpu"].result is not None
+    render_site(site, tree / "generated")
+    assert "changed since only in text that does not change the resolved config" in (
+        tree / "generated/experiments/drift-tiny-cpu.md").read_text()
 
 
 def test_missing_required_result_fails_and_unrun_ones_are_listed(tree):
-    with pytest.raises(SiteError, match="bench-h100.*no result"):
-        _site(tree, SITE_TOML.replace('required = [', 'required = ["bench-h100", '))
+    with pytest.raises(SiteError, match="bench.*no result"):
+        _site(tree, SITE_TOML.replace('required = [', 'required = ["bench", '))
     shutil.rmtree(tree / "experiments/results/drift-tiny-cpu")
     with pytest.raises(SiteError, match="drift-tiny-cpu"):
         _site(tree)
@@ -216,7 +232,7 @@ def test_site_config_is_strict(tmp_path):
     bad.write_text('requried = ["x"]\n')
     with pytest.raises(SiteError, match="requried"):
         load_site_config(bad)
-    bad.write_text('[model_card]\nbench = "bench-h100"\n')
+    bad.write_text('[model_card]\nbench = "bench"\n')
     with pytest.raises(SiteError, match="model_card.bench"):
         load_site_config(bad)
 
@@ -225,14 +241,23 @@ def _manifest(tree: Path) -> Path:
     return next((tree / "experiments/results/rollouts-tiny-cpu").glob("*/videos.json"))
 
 
+def _edit_manifest(tree: Path, edit) -> Path:
+    """Change the video manifest and re-seal its result, as a run that wrote it so would have."""
+    manifest = _manifest(tree)
+    entries = json.loads(manifest.read_text())
+    edit(entries)
+    manifest.write_text(json.dumps(entries))
+    write_digests(manifest.parent, entries[0]["config_hash"] if entries and isinstance(entries[0], dict) else
+                  json.loads((manifest.parent / "result.json").read_text())["config_hash"])
+    return manifest
+
+
 @pytest.mark.parametrize("url", ["http://example.org/v.mp4", "file:///tmp/v.mp4", "javascript:alert(1)",
                                  "//example.org/v.mp4", "videos/v.mp4", 'https://example.org/a".mp4',
                                  "https://example.org/a b.mp4", "https:///v.mp4"])
 def test_non_https_url_is_refused_at_render_time(tree, url):
-    manifest = _manifest(tree)
+    manifest = _edit_manifest(tree, lambda entries: entries[1].update(url=url))
     entries = json.loads(manifest.read_text())
-    entries[1]["url"] = url
-    manifest.write_text(json.dumps(entries))
     site = _site(tree)
     with pytest.raises(SiteError) as err:
         render_site(site, tree / "generated")
@@ -276,6 +301,55 @@ def test_publish_to_a_local_folder_verifies_and_fills_urls(tree, tmp_path):
     assert gallery.count("<video") == 2 and "Not hosted yet" not in gallery
 
 
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible HTTP server on localhost (moto), with one bucket."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("wp-videos")
+    yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_publish_to_an_s3_server_through_to_manifest_and_gallery(tree, s3_server, capsys):
+    """worldplay publish end to end against S3 over HTTP: upload, read back, https URLs in the
+    manifest (the endpoint's http address never), players in the rendered gallery."""
+    import s3fs
+
+    from worldplay.cli import main
+
+    manifest = _manifest(tree)
+    before = json.loads(manifest.read_text())
+    argv = ["publish", "--to", "s3://wp-videos/rollouts", "--endpoint-url", s3_server,
+            "--experiments-dir", str(tree / "experiments"), "--video-dir", str(tree / "videos")]
+    assert main([*argv, "--base-url", f"{s3_server}/wp-videos/rollouts"]) == 2  # the endpoint's own http URL
+    assert "https" in capsys.readouterr().err and json.loads(manifest.read_text()) == before
+    assert main([*argv, "--base-url", "https://videos.example.org/wp"]) == 0
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    after = json.loads(manifest.read_text())
+    for old, new in zip(before, after, strict=True):
+        assert new["url"] == f"https://videos.example.org/wp/{old['file']}"
+        with fs.open(f"wp-videos/rollouts/{old['file']}", "rb") as fh:  # the bytes on the server
+            assert hashlib.sha256(fh.read()).hexdigest() == old["sha256"]
+    assert main([*argv, "--base-url", "https://videos.example.org/wp"]) == 0
+    assert capsys.readouterr().out.count("already there") == len(before)  # identical copies: no upload
+    render_site(_site(tree), tree / "generated")
+    gallery = (tree / "generated/fragments/gallery.md").read_text()
+    assert gallery.count("<video") == len(before) and s3_server not in gallery
+    assert all(f"https://videos.example.org/wp/{e['file']}" in gallery for e in before)
+
+
 def test_publish_refuses_a_wrong_local_file_or_a_bad_copy(tree, tmp_path, monkeypatch):
     from worldplay.site import publish
 
@@ -311,11 +385,21 @@ def test_publish_command_line(tree, tmp_path, capsys):
 
 def test_markdown_table_escapes_and_formats():
     import pandas as pd
+    from markdown_it import MarkdownIt
+
+    from worldplay.site.text import code
 
     text = markdown_table(pd.DataFrame({"a|b": ["x|y", None], "n": [1.23456, float("nan")]}),
                           formats={"n": "{:.2f}"}, caption="cap")
-    assert "a\\|b" in text and "x\\|y" in text and "1.23" in text and "—" in text
     assert text.startswith(":::{table} cap") and "| :-- | --: |" in text
+    body = text.split("\n\n", 1)[1].rsplit(":::", 1)[0]
+    cells = [[c.content for c in t.children] for t in MarkdownIt("commonmark").enable("table").parse(body)
+             if t.type == "inline"]
+    assert cells == [["a|b"], ["n"], ["x|y"], ["1.23"], ["—"], ["—"]]
+    # a code span keeps its pipe in a table too
+    rows = markdown_table([{"c": code("a|b")}])
+    html = MarkdownIt("commonmark").enable("table").render(rows)
+    assert '<td style="text-align:left"><code>a|b</code></td>' in html
 
 
 def test_unrun_rollouts_show_their_planned_videos(tree):
@@ -328,4 +412,181 @@ def test_unrun_rollouts_show_their_planned_videos(tree):
     assert card.count("grid-item-card") == n and card.count("**Not yet run.**") == n
     assert "<video" not in card and "href" not in card and "rollouts-samples" in card
     page = (tree / "generated/fragments/gallery.md").read_text()
-    assert "## rollouts-samples" in page and "## rollouts-tiny-cpu" in page
+    assert f"## {escape('rollouts-samples')}" in page and f"## {escape('rollouts-tiny-cpu')}" in page
+
+
+# ------------------------------------------------------------------------------------------
+# hostile input: output folders, video manifests, publish
+
+
+def _render(tree: Path, out: Path, capsys) -> tuple[int, str]:
+    """``python -m worldplay.site render`` in this process (a subprocess imports the model stack)."""
+    from worldplay.site.__main__ import main
+
+    capsys.readouterr()
+    rc = main(["render", "--site-config", str(tree / "site.toml"), "--experiments-dir", str(tree / "experiments"),
+               "--out", str(out)])
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_charts(monkeypatch):
+    """Render without drawing charts (the pages still link them): for tests about other things."""
+    from worldplay.site.pages import Renderer
+
+    monkeypatch.setattr(Renderer, "chart", lambda self, name, make: f"{self.prefix}/charts/{name}.svg")
+
+
+def test_render_replaces_only_a_folder_it_made(tree, capsys, no_charts):
+    out = tree / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc, err = _render(tree, out, capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "not a folder that render made" in err
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (tree / "a-file").write_text("x")
+    assert _render(tree, tree / "a-file", capsys)[0] == 2 and (tree / "a-file").read_text() == "x"
+    # empty, new, and earlier renders are fine
+    (out / "notes.txt").unlink()
+    assert _render(tree, out, capsys)[0] == 0 and (out / "fragments/gallery.md").is_file()
+    (out / "fragments/gallery.md").write_text("stale")
+    assert _render(tree, out, capsys)[0] == 0 and (out / "fragments/gallery.md").read_text() != "stale"
+    assert _render(tree, tree / "new" / "out", capsys)[0] == 0
+    assert not [p.name for p in tree.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_render_refuses_duplicate_video_ids(tree):
+    _edit_manifest(tree, lambda entries: entries[1].update(id=entries[0]["id"]))
+    with pytest.raises(SiteError, match=r"videos\.json: entry #1 .*is also the id of entry #0"):
+        _site(tree)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda e: e[0].update(frames="125"), "field 'frames' must be a whole number >= 1, got \"125\""),
+    (lambda e: e[0].update(resolution=[64]), "field 'resolution' must be \\[height, width\\]"),
+    (lambda e: e[0].update(input=["img-1"]), "field 'input' must be a string"),
+    (lambda e: e[0].update(url=None), "field 'url' must be a string"),
+    (lambda e: e[0].pop("file"), "lacks file"),
+    (lambda e: e[0].update(file="../../etc/passwd"), "field 'file' must be a relative path"),
+    (lambda e: e.append(["not", "an", "object"]), "entry #2: must be a JSON object"),
+])
+def test_a_bad_video_manifest_is_one_line_naming_file_and_field(tree, capsys, edit, message):
+    manifest = _edit_manifest(tree, edit)
+    with pytest.raises(SiteError, match=message) as err:
+        _site(tree)
+    problem = str(err.value).splitlines()[1]  # "the site cannot be rendered:" + one line per problem
+    assert str(manifest) in problem and "rollouts-tiny-cpu" in problem and len(str(err.value).splitlines()) == 2
+    rc, stderr = _render(tree, tree / "out", capsys)
+    assert rc == 1 and "Traceback" not in stderr and str(manifest) in stderr
+
+
+def _publish(tree: Path, host: Path, capsys) -> tuple[int, str]:
+    from worldplay.cli import main
+
+    capsys.readouterr()
+    rc = main(["publish", "--experiments-dir", str(tree / "experiments"), "--to", str(host), "--video-dir",
+               str(tree / "videos"), "--base-url", "https://cdn.example.org/v", "--experiment", "rollouts-tiny-cpu"])
+    return rc, capsys.readouterr().err
+
+
+def test_publish_refuses_duplicate_ids_and_changes_nothing(tree, tmp_path, capsys):
+    manifest = _edit_manifest(tree, lambda entries: entries[1].update(id=entries[0]["id"]))
+    before = manifest.read_text()
+    rc, err = _publish(tree, tmp_path / "host", capsys)
+    assert rc == 2 and "is also the id of entry #0" in err and len(err.strip().splitlines()) == 1
+    assert manifest.read_text() == before and not (tmp_path / "host").exists()
+
+
+@pytest.mark.parametrize("field", ["file", "id"])
+def test_publish_refuses_an_entry_without_file_or_id(tree, tmp_path, capsys, field):
+    manifest = _edit_manifest(tree, lambda entries: entries[0].pop(field))
+    before = manifest.read_text()
+    rc, err = _publish(tree, tmp_path / "host", capsys)
+    assert rc == 2 and f"lacks {field}" in err and str(manifest) in err and len(err.strip().splitlines()) == 1
+    assert manifest.read_text() == before
+
+
+def test_publish_refuses_an_edited_result_and_reseals_what_it_writes(tree, tmp_path, capsys):
+    from worldplay.experiments.results import verify_result
+
+    manifest = _manifest(tree)
+    entries = json.loads(manifest.read_text())
+    entries[0]["input"] = "edited by hand"
+    manifest.write_text(json.dumps(entries))
+    rc, err = _publish(tree, tmp_path / "host", capsys)
+    assert rc == 2 and "does not verify" in err and "videos.json" in err
+    entries[0]["input"] = "img-1"
+    _edit_manifest(tree, lambda e: e[0].update(input="img-1"))
+    rc, err = _publish(tree, tmp_path / "host", capsys)
+    assert rc == 0, err
+    verify_result(manifest.parent)  # the URLs are in, and the digests say so
+    assert all(e["url"] for e in json.loads(manifest.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# committed results by default; a local run only when asked, under a banner (issue 17)
+
+
+def _commit_all(tree: Path) -> None:
+    git = ["git", "-c", "user.email=t@example.org", "-c", "user.name=t", "-C", str(tree)]
+    subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "results"], check=True)
+
+
+def _local_noisy_bench(tree: Path) -> Path:
+    """A later, uncommitted bench-tiny-cpu result whose fastest leg's p90 is 3x its median."""
+    results = tree / "experiments/results/bench-tiny-cpu"
+    committed = sorted(results.iterdir())[-1]
+    local = results / "29991231T000000Z-local00"
+    shutil.copytree(committed, local)
+    result = json.loads((local / "result.json").read_text())
+    total = result["summary"]["legs"]["native-fastest"]["steady_ms"]["total"]
+    total["p90"] = 3 * total["median"]
+    result["run_id"] = local.name
+    (local / "result.json").write_text(json.dumps(result))
+    write_digests(local, result["config_hash"])
+    return local
+
+
+def test_render_shows_committed_results_and_a_local_one_only_when_asked(tree):
+    _commit_all(tree)
+    local = _local_noisy_bench(tree)
+    site = _site(tree)
+    shown = site.experiments["bench-tiny-cpu"].result
+    assert shown.path != local and not shown.local
+    assert site.local_left_out == [f"bench-tiny-cpu/{local.name}"]
+    render_site(site, tree / "committed")
+    assert "Local, uncommitted run" not in (tree / "committed/experiments/bench-tiny-cpu.md").read_text()
+
+    site = load_site(tree / "site.toml", experiments_dir=tree / "experiments", include_local=True)
+    shown = site.experiments["bench-tiny-cpu"].result
+    assert shown.path == local and shown.local and site.local_left_out == []
+    assert not site.experiments["drift-tiny-cpu"].result.local
+    render_site(site, tree / "local")
+    page = (tree / "local/experiments/bench-tiny-cpu.md").read_text()
+    assert "Local, uncommitted run" in page and "29991231T000000Z-local00" in page
+    assert "Local, uncommitted run" not in (tree / "local/experiments/drift-tiny-cpu.md").read_text()
+    card = (tree / "local/fragments/model_card_performance.md").read_text()
+    assert "Local, uncommitted run" in card and "High variance" in card and "`native-fastest` (p90 3\\.0×" in card  # Markdown-escaped
+
+
+def test_a_required_experiment_with_only_a_local_result_fails_naming_the_flag(tree, tmp_path):
+    drift = tree / "experiments/results/drift-tiny-cpu"
+    shutil.move(drift, tmp_path / "drift")
+    _commit_all(tree)
+    shutil.move(tmp_path / "drift", drift)  # back, but not committed
+
+    def render(*extra):
+        return subprocess.run([sys.executable, "-m", "worldplay.site", "render", "--site-config",
+                               str(tree / "site.toml"), "--experiments-dir", str(tree / "experiments"),
+                               "--out", str(tree / "out"), *extra], capture_output=True, text=True, cwd=ROOT)
+
+    run = render()
+    assert run.returncode == 1
+    assert "drift-tiny-cpu" in run.stderr and "only a local, uncommitted one" in run.stderr
+    assert "--include-local" in run.stderr
+    run = render("--include-local")
+    assert run.returncode == 0, run.stderr
+    assert "Local, uncommitted run" in (tree / "out/experiments/drift-tiny-cpu.md").read_text()

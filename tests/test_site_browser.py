@@ -10,6 +10,12 @@ The site: ``$WORLDPLAY_SITE_DIR`` if set (``nox -s docs`` points it at the build
 else a fresh build of a copy of ``docs/`` from the committed results into a tmp folder (render
 step + ``sphinx-build -W --keep-going -n``).
 
+A second site is always built here, in a tmp folder, from hostile strings (``hostile_site.py``:
+the committed results with every free-text value poisoned, hostile descriptions, video fields):
+it must build with ``-W -n``, its HTML must carry no markup from the data (no script with a
+payload, no event-handler attribute, no ``javascript:`` link, no injected image), and in Chromium
+no payload may run (``window.__pwned`` unset, no dialog) and the console must stay clean.
+
 Without Chromium, Sphinx or websocket-client the test is skipped, unless
 ``WORLDPLAY_REQUIRE_BROWSER=1`` (set by ``.ci/run``), which turns a skip into a failure.
 """
@@ -17,7 +23,9 @@ Without Chromium, Sphinx or websocket-client the test is skipped, unless
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
+import html.parser
 import http.server
 import json
 import os
@@ -54,19 +62,26 @@ def _chromium() -> str:
     _unavailable("no Chromium found (apt-get install chromium, or set WORLDPLAY_CHROMIUM)")
 
 
-def _build_site(tmp: Path) -> Path:
-    """Render + sphinx-build a copy of docs/ (the checkout stays untouched)."""
+def _need_sphinx() -> None:
     try:
         import myst_parser  # noqa: F401
         import sphinx  # noqa: F401
         import sphinx_design  # noqa: F401
     except ImportError as exc:
         _unavailable(f"the docs dependencies are not installed ({exc.name}); pip install -e .[docs]")
-    docs = tmp / "docs"
-    shutil.copytree(ROOT / "docs", docs, ignore=shutil.ignore_patterns("_build", "generated"))
+
+
+def _build_site(tmp: Path, docs: Path | None = None, render_args: tuple[str, ...] = ()) -> Path:
+    """Render + sphinx-build a copy of docs/ (the checkout stays untouched), or ``docs`` with
+    the render step's ``render_args``."""
+    _need_sphinx()
+    if docs is None:
+        docs = tmp / "docs"
+        shutil.copytree(ROOT / "docs", docs, ignore=shutil.ignore_patterns("_build", "generated"))
+        render_args = ("--site-config", str(docs / "site.toml"))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run([sys.executable, "-m", "worldplay.site", "render", "--site-config", str(docs / "site.toml"),
-                    "--out", str(docs / "generated")], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "worldplay.site", "render", *render_args, "--out", str(docs / "generated")],
+                   check=True, env=env, cwd=ROOT)
     html = tmp / "html"
     done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html",
                            str(docs), str(html)], env=env, cwd=ROOT, capture_output=True, text=True)
@@ -84,15 +99,23 @@ def site(tmp_path_factory) -> Path:
     return _build_site(tmp_path_factory.mktemp("site"))
 
 
-@pytest.fixture(scope="module")
-def server(site):
-    handler = functools.partial(_QuietHandler, directory=str(site))
+@contextlib.contextmanager
+def _serve(folder: Path):
+    handler = functools.partial(_QuietHandler, directory=str(folder))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    with _serve(site) as url:
+        yield url
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -143,7 +166,19 @@ class Browser:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
             if "method" in msg:
-                self.events.append(msg)
+                self._record(msg)
+
+    def _record(self, msg: dict) -> None:
+        """Keep an event; dismiss a JavaScript dialog (alert, confirm, ...) at once, so that a
+        payload that opens one is recorded instead of blocking the page."""
+        self.events.append(msg)
+        if msg["method"] == "Page.javascriptDialogOpening":
+            self.next_id += 1
+            self.ws.send(json.dumps({"id": self.next_id, "method": "Page.handleJavaScriptDialog",
+                                     "params": {"accept": False}}))
+
+    def dialogs(self) -> list[str]:
+        return [e["params"].get("message", "") for e in self.events if e["method"] == "Page.javascriptDialogOpening"]
 
     def wait_for(self, method: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -153,7 +188,7 @@ class Browser:
             self.ws.settimeout(max(0.1, deadline - time.monotonic()))
             msg = json.loads(self.ws.recv())
             if "method" in msg:
-                self.events.append(msg)
+                self._record(msg)
         raise TimeoutError(f"no {method} within {timeout} s")
 
     def drain(self, seconds: float) -> None:
@@ -168,7 +203,7 @@ class Browser:
             except websocket.WebSocketTimeoutException:
                 break
             if "method" in msg:
-                self.events.append(msg)
+                self._record(msg)
 
     def open(self, url: str) -> None:
         self.events.clear()
@@ -248,6 +283,7 @@ def test_site_in_chromium(site, server, browser, tmp_path):
     """One test (so that pytest-xdist builds the site and starts Chromium once): the model card
     in detail, then every page for console errors and broken images."""
     check_model_card(server, browser, tmp_path)
+    check_model_card_summary(server, browser)
     check_every_page(site, server, browser)
 
 
@@ -273,6 +309,40 @@ def check_model_card(server, browser, tmp_path):
     assert all(v.startswith("https://") for v in facts["videos"]), facts
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the per-input table (under the performance chart): one loaded thumbnail per input row
+    assert browser.evaluate("Array.from(document.querySelectorAll('h3')).some(h => "
+                            "h.textContent.startsWith('Per sample input'))")
+    thumbs = browser.evaluate("Array.from(document.querySelectorAll('table img')).filter(i => "
+                              "i.alt.endsWith('frame the model received')).map(i => [i.naturalWidth, i.width])")
+    assert len(thumbs) >= 2 and all(natural > 0 and 0 < shown <= 320 for natural, shown in thumbs), thumbs
+
+
+# Tables and code blocks (configs, BibTeX) wider than their box must scroll, not be clipped.
+CLIPPED = """(() => {
+  const out = [];
+  for (const el of document.querySelectorAll('.bd-content table, .bd-content pre')) {
+    const x = getComputedStyle(el).overflowX;
+    if (el.scrollWidth > el.clientWidth + 1 && x !== 'auto' && x !== 'scroll') {
+      out.push(el.tagName + ': ' + (el.textContent || '').trim().slice(0, 40));
+    }
+  }
+  return out;
+})()"""
+ARTICLE_TEXT = "document.querySelector('.bd-article').innerText"
+
+
+def check_model_card_summary(server, browser):
+    """The card opens with what was measured, how fast and on which card, and what was not
+    (issue 17); no template text and no placeholders."""
+    browser.open(f"{server}/model_card.html")
+    text = browser.evaluate(ARTICLE_TEXT)
+    opening = text[: text.index("What the model is")]
+    assert "frames/s" in opening and "random weights" in opening and "Not measured yet" in opening, opening
+    assert "hosted" in opening, opening
+    assert "This page is a template" not in text and "<this repository>" not in text
+    assert "pip install -e '.[text]'" in text
+    for section in ("Drift: bf16 against float32", "Parity with the official code"):
+        assert "random weights" in text[text.index(section):][:600], section
 
 
 def check_every_page(site, server, browser):
@@ -284,6 +354,92 @@ def check_every_page(site, server, browser):
         browser.open(f"{server}/{page}")
         facts = browser.evaluate(PAGE_FACTS)
         errors = browser.console_errors()
-        if errors or facts["img_broken"]:
-            problems[page] = {"errors": errors, "broken images": facts["img_broken"]}
+        clipped = browser.evaluate(CLIPPED)
+        if errors or facts["img_broken"] or clipped:
+            problems[page] = {"errors": errors, "broken images": facts["img_broken"], "clipped": clipped}
     assert not problems, problems
+
+
+# ------------------------------------------------------------------------------------------
+# the hostile site
+
+
+class _MarkupScan(html.parser.HTMLParser):
+    """What a page's HTML does beyond text: scripts, event handlers, links, embeds, images."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.problems: list[str] = []
+        self.text: list[str] = []
+        self.images: list[str] = []
+        self._script = False
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            value = (value or "").strip().lower()
+            if name.startswith("on"):
+                self.problems.append(f"<{tag} {name}=...>")
+            if name in ("href", "src", "action", "formaction", "data", "srcdoc") and value.startswith(
+                    ("javascript:", "data:text/html", "vbscript:")):
+                self.problems.append(f"<{tag} {name}={value[:40]}>")
+        if tag in ("iframe", "object", "embed", "base", "frame"):  # (the theme has a search <form>)
+            self.problems.append(f"<{tag}>")
+        if tag == "img":
+            self.images.append(dict(attrs).get("src") or "")
+        self._script = tag == "script"
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._script = False
+
+    def handle_data(self, data):
+        if self._script and "__pwned" in data:
+            self.problems.append(f"a script with a payload: {data[:80]!r}")
+        elif not self._script:
+            self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tmp_path_factory) -> Path:
+    """The hostile site, rendered and built with ``sphinx-build -W --keep-going -n``."""
+    from hostile_site import hostile_docs, hostile_experiments
+
+    _need_sphinx()
+    tmp = tmp_path_factory.mktemp("hostile-site")
+    experiments = hostile_experiments(tmp)
+    docs = hostile_docs(tmp)
+    return _build_site(tmp, docs, ("--site-config", str(tmp / "site.toml"), "--experiments-dir", str(experiments)))
+
+
+def test_hostile_site_shows_data_as_text_and_runs_none_of_it(hostile_site, tmp_path_factory):
+    """One test (the site is built once per worker): the HTML first, then Chromium."""
+    pages = sorted(p.relative_to(hostile_site).as_posix() for p in hostile_site.rglob("*.html")
+                   if not p.relative_to(hostile_site).as_posix().startswith(("_", "genindex", "search")))
+    assert {"card.html", "gallery.html", "generated/experiments/rollouts-samples.html"} <= set(pages)
+    shown = 0
+    for page in pages:
+        scan = _MarkupScan()
+        scan.feed((hostile_site / page).read_text(encoding="utf-8"))
+        assert not scan.problems, (page, scan.problems[:10])
+        assert all(src.startswith(("_images/", "../../_images/")) and src.endswith(".svg") for src in scan.images), \
+            (page, scan.images)
+        shown += "".join(scan.text).count("window.__pwned")
+    assert shown > 100  # the payloads are on the pages, as text
+
+    browser = Browser(_chromium(), tmp_path_factory.mktemp("chromium-hostile"))
+    try:
+        with _serve(hostile_site) as url:
+            problems = {}
+            for page in pages:
+                browser.open(f"{url}/{page}")
+                pwned = browser.evaluate("window.__pwned === undefined ? null : String(window.__pwned)")
+                facts = browser.evaluate(PAGE_FACTS)
+                if pwned or browser.dialogs() or browser.console_errors() or facts["img_broken"]:
+                    problems[page] = {"pwned": pwned, "dialogs": browser.dialogs(), "errors": browser.console_errors(),
+                                      "broken images": facts["img_broken"]}
+            browser.open(f"{url}/gallery.html")
+            videos = browser.evaluate("[...document.querySelectorAll('.wp-gallery video')].map(v => v.title)")
+    finally:
+        browser.close()
+    assert not problems, problems
+    assert videos and all("window.__pwned" in title for title in videos), videos  # the title is text too

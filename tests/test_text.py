@@ -170,7 +170,7 @@ def test_clean_prompt_matches_official_regex_whitespace():
 
 def test_clean_prompt_without_ftfy(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ftfy", None)
-    with pytest.raises(ImportError, match="pip install ftfy"):
+    with pytest.raises(ImportError, match=r"ftfy.*pip install 'worldplay\[text\]'"):
         clean_prompt("hello")
 
 

@@ -384,6 +384,7 @@ def test_wan5b_layout_on_meta():
 
 def test_channels_last_decode_equals_contiguous():
     """The fast-decode layout (NDHWC weights, activations and history) is the same function."""
+    from worldplay.decode_runner import DecodeOptions, DecodeRunner
     from worldplay.models import random_models
 
     vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
@@ -394,10 +395,9 @@ def test_channels_last_decode_equals_contiguous():
         return torch.cat([v.decode(z[:, :, :4], state), v.decode(z[:, :, 4:], state)], dim=2)
 
     plain = stream(vae)
-    vae.enable_fast_decode(compile=False, channels_last=True)
-    assert vae.new_decode_state(1, 4, 6).buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
-    fast = stream(vae)
-    vae.disable_fast_decode()
+    fast_decoder = DecodeRunner(vae, DecodeOptions(channels_last=True))
+    assert fast_decoder.new_decode_state(1, 4, 6).buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
+    fast = stream(fast_decoder)
     assert rel_err(fast, plain) <= 1e-5
     assert torch.equal(stream(vae), plain)
 
@@ -406,6 +406,7 @@ def test_decode_relays_out_a_state_made_before_the_layout_switch():
     """A decode state allocated before fast decode was switched on still decodes the stream
     (history values kept across the switch, mid-stream too), and its buffers move to the
     channels-last layout, so the convs get no transposing copies."""
+    from worldplay.decode_runner import DecodeOptions, DecodeRunner
     from worldplay.models import random_models
 
     vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
@@ -415,13 +416,10 @@ def test_decode_relays_out_a_state_made_before_the_layout_switch():
 
     state = vae.new_decode_state(1, 4, 6)
     first = vae.decode(z[:, :, :4], state)
-    vae.enable_fast_decode(compile=False, channels_last=True)
-    try:
-        assert not state.buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
-        second = vae.decode(z[:, :, 4:], state)
-        assert all(b.is_contiguous(memory_format=torch.channels_last_3d) for b in state.buffers)
-    finally:
-        vae.disable_fast_decode()
+    fast_decoder = DecodeRunner(vae, DecodeOptions(channels_last=True))
+    assert not state.buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
+    second = fast_decoder.decode(z[:, :, 4:], state)
+    assert all(b.is_contiguous(memory_format=torch.channels_last_3d) for b in state.buffers)
     assert rel_err(torch.cat([first, second], dim=2), plain) <= 1e-5
 
 
@@ -430,11 +428,11 @@ def test_graphed_decode_equals_eager(monkeypatch, rerun_graph):
     every replay: the capture bookkeeping (static input, the warm-up call undone on the history
     buffers, the output copied out) must leave the stream exactly as the eager decode does. The
     stand-in's warm-up really runs, so a missing restore would advance the stream and fail."""
-    import worldplay.nn.vae as vae_module
+    import worldplay.decode_runner as decode_runner
     from worldplay.models import random_models
 
-    monkeypatch.setattr(vae_module, "CapturedCall", rerun_graph)
-    monkeypatch.setattr(vae_module, "_graphs_possible", lambda buffer: True)
+    monkeypatch.setattr(decode_runner, "CapturedCall", rerun_graph)
+    monkeypatch.setattr(decode_runner, "_graphs_possible", lambda buffer: True)
     vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
     z = torch.randn(1, 48, 16, 4, 6, generator=torch.Generator().manual_seed(0))
 
@@ -444,8 +442,56 @@ def test_graphed_decode_equals_eager(monkeypatch, rerun_graph):
         return torch.cat(outs, dim=2)
 
     plain = stream(vae)
-    vae.enable_fast_decode(compile=False, channels_last=False, graphs=True)
-    graphed = stream(vae)
-    vae.disable_fast_decode()
+    graphed = stream(decode_runner.DecodeRunner(vae, decode_runner.DecodeOptions(graphs=True)))
     assert rerun_graph.captures == 1 and rerun_graph.replays == 3  # latent groups 2-4 of the stream
     assert torch.equal(graphed, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoding_by_latent_groups_and_frame_slices_gives_the_same_frames(dtype):
+    """RolloutSettings.decode_group / decode_top_frames: a stream decoded 1 or 2 latents per call,
+    and with the full-resolution stages 1 or 2 frames at a time, gives the frames of 4 latents per
+    call. Every causal conv reads the frames before its slice from its history, as between calls.
+    In bf16 on the CPU the frames are identical bit for bit; in float32 the convolutions' sums
+    run in another order for other frame counts (oneDNN picks its blocking by shape), so they
+    agree to float32 rounding."""
+    from worldplay.decode_runner import DecodeOptions, DecodeRunner
+    from worldplay.models import random_models
+
+    vae = random_models("tiny", 0, device="cpu", dtype=dtype).vae
+    z = torch.randn(1, 48, 12, 4, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+    def stream(**options):
+        runner = DecodeRunner(vae, DecodeOptions(**options))
+        state = runner.new_decode_state(1, 4, 6)
+        return torch.cat([runner.decode(z[:, :, c : c + 4], state) for c in range(0, 12, 4)], dim=2)
+
+    whole = stream()
+    assert whole.shape[2] == 4 * 12 - 3
+    for options in ({"group": 1}, {"group": 2}, {"group": 1, "top_frames": 1}, {"group": 4, "top_frames": 2},
+                    {"group": 2, "top_frames": 1}):
+        got = stream(**options)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, whole), options
+        else:
+            assert rel_err(got, whole) <= 1e-6, options
+
+
+def test_channels_last_without_a_weight_copy_shares_the_vae_weights():
+    """DecodeOptions(copy_weights=False): channels-last activations against the VAE's own
+    contiguous weights; no second decoder, the same frames (float32: to rounding)."""
+    from worldplay.decode_runner import DecodeOptions, DecodeRunner
+    from worldplay.models import random_models
+
+    vae = random_models("tiny", 0, device="cpu", dtype=torch.float32).vae
+    z = torch.randn(1, 48, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    shared = DecodeRunner(vae, DecodeOptions(channels_last=True, copy_weights=False))
+    copied = DecodeRunner(vae, DecodeOptions(channels_last=True))
+    assert shared.decoder is vae.decoder and shared.weight_copy_nbytes == 0
+    assert copied.weight_copy_nbytes == sum(p.numel() * p.element_size() for p in vae.decoder.parameters())
+    outs = []
+    for runner in (shared, copied):
+        state = runner.new_decode_state(1, 4, 6)
+        assert state.buffers[0].is_contiguous(memory_format=torch.channels_last_3d)
+        outs.append(torch.cat([runner.decode(z[:, :, :4], state), runner.decode(z[:, :, 4:], state)], dim=2))
+    assert rel_err(outs[0], outs[1]) <= 1e-5

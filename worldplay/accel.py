@@ -9,10 +9,20 @@ are the warm-up.
 Modes (``RolloutSettings.accel``):
 
 * ``eager``: plain PyTorch;
-* ``compile``: every block through one ``torch.compile``d function (the 30 blocks share one
+* ``compile``: every block through one function compiled with ``torch.compile`` (the 30 blocks share one
   compiled graph per shape; only the steady-state shapes are compiled, so no recompiles);
 * ``graphs``: steady-state calls captured in CUDA graphs (no compile);
 * ``compile+graphs``: both (the fastest).
+
+With ``fp8`` (``RolloutSettings.linear_dtype="fp8"``) the runner calls the DiT variant of
+:class:`worldplay.nn.fp8.Fp8Linears` (its own fp8 copies of the block linears); with ``placed``
+(``RolloutSettings.dit_on_host``) it calls the device-side copy of a DiT kept in host memory,
+part of whose blocks may be streamed (``worldplay.offload.PlacedDiT``; no CUDA graphs
+then). The DiT it was given is never changed.
+
+With ``shards`` (a DiT over several ranks, :mod:`worldplay.ranks.sequence`) every call runs on
+this rank's tokens and exchanges with the other ranks inside the attention step; the ranks make
+the same calls in the same order, and a CUDA graph captures the exchanges with the kernels.
 """
 
 from __future__ import annotations
@@ -24,12 +34,15 @@ import torch
 from .graphs import CapturedCall
 from .memory import CHUNK_LATENTS, MEMORY_SLOTS, MemoryKV
 from .nn.dit import TextContext, WanDiT
+from .nn.fp8 import Fp8Linears
+from .nn.parallel import TokenShards
+from .offload import PlacedDiT
 
 ACCEL_MODES = ("eager", "compile", "graphs", "compile+graphs")
 
 
-def _call_block(block, x, e, text_kv, inputs, backend, kv):
-    return block(x, e, text_kv, inputs, backend, kv)
+def _call_block(block, x, e, text_kv, inputs, kv):
+    return block(x, e, text_kv, inputs, kv)
 
 
 @dataclass
@@ -49,15 +62,27 @@ class AccelStats:
 
 
 class DiTRunner:
-    """The two DiT calls of a chunk (memory prefill, denoising step) in the chosen mode."""
+    """The two DiT calls of a chunk (memory prefill, denoising step) in the chosen mode, with
+    the block linears in fp8 when ``fp8`` (made from ``dit``) is given."""
 
-    def __init__(self, dit: WanDiT, mode: str, backend: str, fused: bool = False):
+    def __init__(self, dit: WanDiT, mode: str, backend: str, fused: bool = False, *,
+                 fp8: Fp8Linears | None = None, placed: PlacedDiT | None = None, shards: TokenShards | None = None):
         if mode not in ACCEL_MODES:
             raise ValueError(f"accel mode {mode!r} unknown; choose one of {ACCEL_MODES}")
+        if fp8 is not None and fp8.dit is not dit:
+            raise ValueError("the fp8 linears were made from another DiT")
         self.dit = dit
+        self.model = dit if fp8 is None else fp8.model()  # what the calls run
+        if placed is not None:
+            if placed.source is not self.model:
+                raise ValueError("the placed DiT was made from another model")
+            if "graphs" in mode and placed.blocks.streamed:
+                raise ValueError("CUDA graphs do not capture streamed blocks; use accel 'eager' or 'compile'")
+            self.model = placed.model
         self.mode = mode
         self.backend = backend
         self.fused = fused  # worldplay.nn.fused kernels
+        self.shards = shards  # this rank's tokens over several ranks (None: one rank)
         self.stats = AccelStats()
         self._compiled = torch.compile(_call_block, dynamic=False) if "compile" in mode else None
         self._graphs: dict[str, CapturedCall] = {}
@@ -75,20 +100,27 @@ class DiTRunner:
         self.stats.eager_calls += 1
         return None
 
+    def text_context(self, text_states: torch.Tensor) -> TextContext:
+        """The prompt's cross-attention keys/values, from the model the calls run (its weights on
+        the device)."""
+        return self.model.text_context(text_states)
+
     def prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> None:
         def run(i):
-            self.dit(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv, write=kv.memory_tokens(n_mem),
-                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend, fused_kernels=self.fused,
-                     block_fn=self._block_fn(n_mem), **{k: i[k] for k in cams})
+            self.model(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv,
+                       write=kv.memory_tokens(n_mem), read=kv.memory_tokens(n_mem), prefill=True,
+                       attention_backend=self.backend, fused_kernels=self.fused, block_fn=self._block_fn(n_mem),
+                       shards=self.shards, **{k: i[k] for k in cams})
 
         self._call("prefill", self._use_graphs(latents.device, n_mem), run,
                    {"latents": latents, "timesteps": timesteps, **cams})
 
     def step(self, x, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> torch.Tensor:
         def run(i):
-            return self.dit(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv, write=kv.chunk_tokens(),
-                            read=kv.attended_tokens(n_mem), attention_backend=self.backend, fused_kernels=self.fused,
-                            block_fn=self._block_fn(n_mem), **{k: i[k] for k in cams})
+            return self.model(i["latents"], i["timesteps"], text, rope=rope, kv_buffers=kv,
+                              write=kv.chunk_tokens(), read=kv.attended_tokens(n_mem),
+                              attention_backend=self.backend, fused_kernels=self.fused,
+                              block_fn=self._block_fn(n_mem), shards=self.shards, **{k: i[k] for k in cams})
 
         return self._call("step", self._use_graphs(x.device, n_mem), run, {"latents": x, "timesteps": timesteps, **cams})
 
@@ -102,9 +134,11 @@ class DiTRunner:
         common = n_mem == MEMORY_SLOTS and latents.shape[2] == CHUNK_LATENTS
 
         def run(i):
-            self.dit(i["latents"], i["timesteps"], text, rope=(i["cos"], i["sin"]), kv_buffers=kv, write=i["write"],
-                     read=kv.memory_tokens(n_mem), prefill=True, attention_backend=self.backend, fused_kernels=self.fused,
-                     block_fn=self._block_fn(n_mem) if common else self._eager(), **{k: i[k] for k in cams})
+            self.model(i["latents"], i["timesteps"], text, rope=(i["cos"], i["sin"]), kv_buffers=kv,
+                       write=i["write"], read=kv.memory_tokens(n_mem), prefill=True,
+                       attention_backend=self.backend, fused_kernels=self.fused,
+                       block_fn=self._block_fn(n_mem) if common else self._eager(), shards=self.shards,
+                       **{k: i[k] for k in cams})
 
         self._call("partial", common and self._use_graphs(latents.device, n_mem), run,
                    {"latents": latents, "timesteps": timesteps, "cos": rope[0], "sin": rope[1], "write": write, **cams})

@@ -3,7 +3,8 @@
 Formats read:
 
 * diffusers model directories: ``config.json`` + ``diffusion_pytorch_model.safetensors``, or
-  sharded ``*.safetensors`` with ``diffusion_pytorch_model.safetensors.index.json``;
+  sharded ``*.safetensors`` with ``diffusion_pytorch_model.safetensors.index.json`` (or a
+  variant's, e.g. ``...safetensors.index.fp16.json``);
 * single weight files: ``.safetensors``; pickles (``.pt``/``.pth``/``.bin``) only through
   ``torch.load(weights_only=True)``, never a full unpickle;
 * HY-WorldPlay's distilled ``model.pt`` (a dict with ``generator`` / ``generator_ema`` whose
@@ -11,10 +12,12 @@ Formats read:
 
 Every load is strict: a missing, unexpected or mis-shaped tensor is an error that names the
 tensor and the file, because a partially loaded video model still produces plausible noise.
+(Keys under DDP's ``module.`` or torch.compile's ``_orig_mod.`` are stripped first, with a note.)
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, DiTConfig, VAEConfig
+from .files import sha256_file as hash_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +48,30 @@ class CheckpointError(RuntimeError):
 # reading files
 
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# (real path, size, mtime_ns) -> sha256: a run names the same multi-GB file several times (the
+# hub identity, the DiT's and the VAE's own identities); it is read once per process.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """A weights file's sha256, computed once per process and file version (worldplay.files does
+    the hashing). A file of the Hugging Face cache that links to ``blobs/<64 hex>`` is an LFS
+    object that the hub stores under its sha256 (and checks on download): that name is the
+    digest, and the file is not read. Results and manifests use the uncached
+    ``worldplay.files.sha256_file``: an edit there must always show."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _SHA256_HEX.match(real.name):
+        return real.name
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(real, chunk)
+    return _DIGESTS[key]
+
+
+def _hash_file(path: Path, chunk: int) -> str:
+    return hash_file_bytes(path, block=chunk)
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -105,9 +127,9 @@ def read_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
 
-    index_path = directory / SAFETENSORS_INDEX
+    index_path = _weights_index(directory)
     single = directory / SAFETENSORS_NAME
-    if index_path.is_file():
+    if index_path is not None:
         try:
             weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
@@ -136,6 +158,48 @@ def read_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         files = candidates
         state = read_safetensors(candidates[0], device)
     return config, state, files
+
+
+def _weights_index(directory: Path) -> Path | None:
+    """The shard index of a sharded diffusers directory: the plain one, else the one variant
+    index there is (diffusers' ``save_pretrained(variant="fp16")`` writes
+    ``diffusion_pytorch_model.safetensors.index.fp16.json`` next to
+    ``diffusion_pytorch_model.fp16-00001-of-0000N.safetensors``); None when not sharded."""
+    plain = directory / SAFETENSORS_INDEX
+    if plain.is_file():
+        return plain
+    if (directory / SAFETENSORS_NAME).is_file():
+        return None  # the unsharded default weights win over any variant, as in diffusers
+    variants = sorted({*directory.glob("diffusion_pytorch_model.safetensors.index.*.json"),
+                       *directory.glob("diffusion_pytorch_model.*.safetensors.index.json")})
+    if len(variants) > 1:
+        raise CheckpointError(f"{directory}: several variant indexes {[v.name for v in variants]}; keep one "
+                              "variant in the directory (or pass the directory of the one you mean)")
+    return variants[0] if variants else None
+
+
+# Prefixes that training wrappers put on every key: DistributedDataParallel (``module.``) and
+# torch.compile (``_orig_mod.``, also per compiled block). The weights under them are the
+# model's own, so they are stripped (with a note in the log) rather than refused.
+_TRAINING_PREFIXES = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")
+
+
+def strip_training_prefixes(state: Mapping[str, torch.Tensor], expected: Iterable[str],
+                            source: str) -> dict[str, torch.Tensor]:
+    """``state`` with DDP/torch.compile prefixes removed when that makes its keys the model's
+    (``expected``); otherwise ``state`` unchanged, for the strict check to report."""
+    expected = set(expected)
+    if set(state) <= expected or not any(_TRAINING_PREFIXES.search(k) for k in state):
+        return dict(state)
+    stripped = {}
+    for key, value in state.items():
+        new = key if key in expected else _TRAINING_PREFIXES.sub("", key)
+        if new in stripped:
+            raise CheckpointError(f"{source}: two checkpoint keys map to {new!r} after stripping module./_orig_mod.")
+        stripped[new] = value
+    log.warning("%s: stripped the training-wrapper prefixes module. / _orig_mod. (DDP, torch.compile) from the "
+                "checkpoint's keys", source)
+    return stripped
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,19 +231,45 @@ def read_worldplay_model_pt(path: str | Path, which: str = "generator") -> dict[
 # strict loading
 
 
+def dtype_family(dtype: torch.dtype) -> str:
+    """The kind of number a dtype holds; loading may change the width, never the kind."""
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating point"
+    if dtype == torch.bool:
+        return "bool"
+    try:
+        torch.iinfo(dtype)
+    except TypeError:
+        return str(dtype).removeprefix("torch.")  # quantized and other exotic dtypes: only themselves
+    return "integer"
+
+
 def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`CheckpointError` listing every missing, unexpected and mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """Raise :class:`CheckpointError` listing every missing, unexpected, mis-shaped and
+    wrong-dtype key. Loading casts floating point to the run's dtype, so a tensor must hold the
+    kind of number its slot declares: parameters floating point, buffers the family the module
+    gives them. An integer, bool or complex tensor in a weight slot is a wrong or corrupt file,
+    not something to cast."""
+    declared = module.state_dict()
+    parameters = {name for name, _ in module.named_parameters()}
+    expected = {k: tuple(v.shape) for k, v in declared.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
-    if missing or unexpected or misshaped:
+    common = sorted(set(expected) & set(state))
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+                 for k in common if tuple(state[k].shape) != expected[k]]
+    wrong_dtype = []
+    for k in common:
+        want = "floating point" if k in parameters else dtype_family(declared[k].dtype)
+        got = state[k].dtype
+        if dtype_family(got) != want:
+            wrong_dtype.append(f"{k}: checkpoint {str(got).removeprefix('torch.')} vs model {want}")
+    if missing or unexpected or misshaped or wrong_dtype:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                             ("wrong dtype", wrong_dtype)):
             if items:
                 shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
                 parts.append(f"{len(items)} {label}: {shown}")
@@ -198,7 +288,9 @@ def load_into(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Strictly load ``state`` into ``module`` (which may live on the meta device), converting
-    each tensor to ``device``/``dtype`` as it goes so that at most one copy exists at a time."""
+    each tensor to ``device``/``dtype`` as it goes so that at most one copy exists at a time.
+    Keys saved through DDP or torch.compile (``module.``, ``_orig_mod.``) are stripped first."""
+    state = strip_training_prefixes(state, module.state_dict().keys(), source)
     check_state_dict(module, state, source)
     converted = {}
     for key, value in module.state_dict().items():
@@ -242,6 +334,65 @@ def files_identity(paths: Iterable[str | Path], **extra) -> WeightsIdentity:
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+HUB_ACCESS_HINT = ("download it once with network (HF_HUB_OFFLINE unset; a gated or private repo also needs "
+                   "HF_TOKEN), or pass a local directory instead")
+
+
+def check_hub_spec(repo_id: str, revision: str) -> None:
+    """A valid repo id and a pinned 40-hex commit, checked before any network or disk access."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise CheckpointError(
+            f"hf://{repo_id}@{revision}: {repo_id!r} is not a Hugging Face repo id; write "
+            "hf://<owner>/<name>@<commit>, e.g. hf://tencent/HY-WorldPlay@<40-hex commit>"
+        ) from None
+    if not _COMMIT.match(revision or ""):
+        raise CheckpointError(
+            f"{repo_id}: revision {revision!r} is not a commit hash; pin the 40-hex commit "
+            "(the 'Files' tab of the model page shows it) so that results stay reproducible"
+        )
+
+
+def _snapshot_download(repo_id: str, revision: str, allow_patterns, cache_dir) -> str:
+    """``huggingface_hub.snapshot_download`` with its failures as one-line CheckpointErrors that
+    name the repo and commit and say what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"hf://{repo_id}@{revision}"
+    try:
+        return snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns,
+                                 cache_dir=cache_dir)
+    except LocalEntryNotFoundError as exc:
+        cause = exc.__cause__ or exc.__context__
+        why = "the Hub cannot be reached" + (f" ({type(cause).__name__})" if cause is not None else "")
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE=1 forbids downloads"
+        raise CheckpointError(f"{where}: not in the local Hugging Face cache and {why}; {HUB_ACCESS_HINT}") from None
+    except GatedRepoError:
+        raise CheckpointError(f"{where}: the repo is gated; accept its terms on the model page and set "
+                              "HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{where}: no such repo, or it is private; check the name, or set HF_TOKEN "
+                              "for a private repo") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{where}: the repo has no commit {revision}; copy the 40-hex commit from the "
+                              "model page's history") from None
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"{where}: the Hub refused the download ({str(exc).splitlines()[0]}); "
+                              f"{HUB_ACCESS_HINT}") from None
+    except OSError as exc:  # the cache folder
+        raise CheckpointError(f"{where}: cannot write the Hugging Face cache {exc.filename or ''}: "
+                              f"{exc.strerror or exc}; set HF_HOME to a writable folder") from None
 
 
 def hub_download(
@@ -254,20 +405,15 @@ def hub_download(
     """Download (or reuse from the cache) a pinned snapshot of a Hugging Face repo.
 
     ``revision`` must be a 40-hex commit, so that a moved branch can never change the weights
-    under a published result. Every file's sha256 is computed and recorded; where
+    under a published result. The sha256 of every file the patterns select is recorded (other
+    files an earlier download left in the snapshot are not this run's); where
     ``expected_sha256`` names a file, a mismatch is an error.
     """
-    if not _COMMIT.match(revision or ""):
-        raise CheckpointError(
-            f"{repo_id}: revision {revision!r} is not a commit hash; pin the 40-hex commit "
-            "(the 'Files' tab of the model page shows it) so that results stay reproducible"
-        )
-    from huggingface_hub import snapshot_download
-
-    root = Path(
-        snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, cache_dir=cache_dir)
-    )
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    check_hub_spec(repo_id, revision)
+    root = Path(_snapshot_download(repo_id, revision, allow_patterns, cache_dir))
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and (allow_patterns is None
+                        or any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in allow_patterns)))
     digests = {str(p.relative_to(root)): sha256_file(p) for p in files}
     for rel, want in (expected_sha256 or {}).items():
         got = digests.get(rel)
@@ -342,6 +488,13 @@ def vae_config_from_dict(config: dict, source: str) -> VAEConfig:
         raise CheckpointError(f"{source}: {exc}") from exc
 
 
+def _weights_source(directory: Path, weight_files: list[Path]) -> str:
+    """What an error names: the one weights file, or the index that maps keys to shards."""
+    if len(weight_files) == 1:
+        return str(weight_files[0])
+    return str(_weights_index(directory) or directory / SAFETENSORS_INDEX)
+
+
 def load_dit(
     directory: str | Path,
     *,
@@ -368,7 +521,7 @@ def load_dit(
     else:
         _, state, weight_files = read_model_dir(directory)
         files = [directory / "config.json", *weight_files]
-        source = str(directory)
+        source = _weights_source(directory, weight_files)
         worldplay = any(".to_out_prope." in k for k in state) if worldplay is None else worldplay
     with torch.device("meta"):
         model = WanDiT(config, worldplay=worldplay)
@@ -394,6 +547,6 @@ def load_vae(
     # to_empty materialises the VAE's float32 latent statistics (non-persistent, rebuilt from
     # the config) on the device; the weights are then assigned from the checkpoint.
     model = model.to_empty(device=device)
-    load_into(model, state, str(directory), device=device, dtype=dtype)
+    load_into(model, state, _weights_source(directory, weight_files), device=device, dtype=dtype)
     del state
     return model.eval(), files_identity([directory / "config.json", *weight_files])

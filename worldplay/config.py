@@ -8,6 +8,7 @@ can be turned into one of these dataclasses without a translation table.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +36,18 @@ class ConfigError(ValueError):
     """A model config is malformed (unknown preset, wrong field, impossible value)."""
 
 
+class ConfigWarning(UserWarning):
+    """A config key this package does not know was ignored (diffusers warns the same way)."""
+
+
 def _from_dict(cls, data: dict[str, Any], source: str):
     """Build a frozen config dataclass from a diffusers-style dict.
 
     Keys that diffusers writes for its own bookkeeping (``_class_name``, ``_diffusers_version``,
-    ...) are ignored; keys that are neither ours nor bookkeeping are an error, because silently
-    dropping a field that changes the architecture would load weights into the wrong model.
+    ...) are ignored. Keys that are neither ours nor bookkeeping (a newer diffusers adds some)
+    are a :class:`~worldplay.config.ConfigWarning`, as diffusers itself warns: a field that changes the
+    architecture still cannot go unnoticed, because the strict weight load then finds missing,
+    unexpected or mis-shaped tensors and names them.
     """
     known = {f.name for f in dataclasses.fields(cls)}
     ignorable = set(getattr(cls, "IGNORED_KEYS", ()))
@@ -56,9 +63,11 @@ def _from_dict(cls, data: dict[str, Any], source: str):
             value = tuple(value)
         kwargs[key] = value
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown config keys {sorted(unknown)} for {cls.__name__}; "
-            f"known keys are {sorted(known)}. Is this the right config.json?"
+        warnings.warn(
+            f"{source}: unknown config keys {sorted(unknown)} for {cls.__name__} ignored (a newer diffusers?); "
+            "the weights are still loaded strictly, so a key that changes the model shows up there",
+            ConfigWarning,
+            stacklevel=3,
         )
     return cls(**kwargs)
 
@@ -94,6 +103,9 @@ class DiTConfig:
     def __post_init__(self) -> None:
         if self.qk_norm != "rms_norm_across_heads":
             raise ConfigError(f"qk_norm={self.qk_norm!r} is not supported (Wan 2.2 uses 'rms_norm_across_heads')")
+        if self.cross_attn_norm is not True:
+            raise ConfigError(f"cross_attn_norm={self.cross_attn_norm!r} is not supported: Wan 2.2 TI2V-5B normalises "
+                              "before cross-attention (the config key 'cross_attn_norm' must be true)")
         if self.image_dim is not None or self.added_kv_proj_dim is not None:
             raise ConfigError("image_dim / added_kv_proj_dim (the Wan 2.1 I2V CLIP branch) are not supported")
         if self.attention_head_dim % 2 or self.attention_head_dim < 6:
@@ -182,7 +194,6 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     "tiny": VAEConfig(base_dim=8, decoder_base_dim=8, num_res_blocks=1),
 }
 
-PRESETS = tuple(DIT_PRESETS)
 
 
 def dit_preset(name: str) -> DiTConfig:

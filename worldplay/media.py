@@ -1,4 +1,4 @@
-"""Image input, video output and small atomic-file helpers.
+"""Image input and video output.
 
 Everything here mirrors the official HY-WorldPlay (WAN) pipeline bit for bit where that
 matters for parity, and adds the safety the official code lacks:
@@ -12,17 +12,15 @@ matters for parity, and adds the safety the official code lacks:
   official export produces (libx264, yuv420p, crf 25 from ``quality=5``, 16 fps), but writes
   to a hidden temporary file that only replaces the target on success.
 * :func:`read_video` / :func:`video_info` read results back for tests and manifests.
-* :func:`atomic_write_text` / :func:`atomic_write_json` for stats files.
+* :func:`atomic_write_text` / :func:`atomic_write_json` are re-exported from :mod:`worldplay.files`.
+* :func:`synthetic_image`: a seeded smooth test image (experiments, ``serve``'s synthetic sample).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
-import secrets
 import subprocess
 import tempfile
 import warnings
@@ -33,15 +31,28 @@ from typing import Any
 import numpy as np
 import torch
 
+# atomic_write_*: re-exported, the stats writers' home until now
+from .files import (
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+    reserve_file,
+    sha256_file,
+    temp_sibling,
+)
+
 __all__ = [
     "MediaError",
     "MediaExistsError",
     "VideoWriter",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable_output",
     "frames_to_uint8",
     "load_image",
     "read_video",
+    "synthetic_image",
     "video_info",
 ]
 
@@ -85,8 +96,58 @@ def _official_resize_geometry(orig_w: int, orig_h: int, target_w: int, target_h:
     return (new_w, new_h), (left, top, left + target_w, top + target_h)
 
 
+def conditioning_geometry(path: PathLike, width: int, height: int) -> dict[str, object]:
+    """How :func:`load_image` turns the image at ``path`` into the ``width`` x ``height`` frame the
+    model receives: source size, scale, resized size and crop box (left, top, right, bottom in
+    the resized image), and whether it was upscaled and/or cropped. Reads the header only."""
+    from PIL import Image
+
+    with Image.open(Path(path)) as img:
+        orig_w, orig_h = img.size
+    scale = max(width / orig_w, height / orig_h)
+    new_size, box = _official_resize_geometry(orig_w, orig_h, width, height)
+    return {"source_size": [orig_w, orig_h], "scale": round(scale, 6), "resized_size": list(new_size),
+            "crop_box": list(box), "upscaled": scale > 1, "cropped": list(new_size) != [width, height]}
+
+
+# PIL gives images of more than 8 bits per channel as 16-bit greyscale modes ("I;16", "I;16B",
+# ... from PNG and TIFF) or as 32-bit "I" (16-bit PGM/PPM, which PIL widens to 0..65535, and
+# 32-bit TIFF). convert("RGB") clips these to 255 instead of scaling, which turned 99.7 % of a
+# 16-bit photo white. (16-bit RGB(A) PNGs need nothing: PIL itself reduces them to 8 bits,
+# keeping each value's high byte.)
+_SIXTEEN_BIT_MAX = 65535
+# Formats whose "I" images hold 16-bit values (PNG: older Pillow opened 16-bit greyscale as "I").
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+
+
+def _to_8_bit(img, path: Path):
+    """A greyscale image of more than 8 bits as mode "L", scaled by its bit depth.
+
+    16-bit values are reduced to their high byte, the same rule PIL applies to 16-bit RGB PNGs,
+    so a 16-bit greyscale image and its RGB copy load alike. 32-bit integer and float images
+    have no agreed range to scale from (a 32-bit TIFF may hold 0..255 or 0..2^32-1), so they
+    are refused rather than guessed at.
+    """
+    from PIL import Image
+
+    sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format in _SIXTEEN_BIT_I_FORMATS)
+    if not sixteen_bit:
+        kind = "32-bit float" if img.mode == "F" else f"32-bit integer ({img.format or 'unknown format'})"
+        raise MediaError(
+            f"input image {str(path)!r} is a {kind} image, whose value range is not defined; "
+            "save it as an 8- or 16-bit PNG."
+        )
+    values = np.asarray(img)
+    if values.size and (values.min() < 0 or values.max() > _SIXTEEN_BIT_MAX):
+        raise MediaError(
+            f"input image {str(path)!r} has values from {values.min()} to {values.max()}, outside the "
+            "16-bit range of its format; save it as an 8- or 16-bit PNG."
+        )
+    return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def _open_rgb(path: Path):
-    """Open and fully decode an image as RGB, turning every failure into a MediaError."""
+    """Open and fully decode an image as 8-bit RGB, turning every failure into a MediaError."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
@@ -95,6 +156,9 @@ def _open_rgb(path: Path):
         raise MediaError(f"input image {str(path)!r} is not a regular file; pass the path of an image file.")
     try:
         with Image.open(path) as img:
+            if img.mode == "F" or img.mode.startswith("I"):
+                img.load()
+                return _to_8_bit(img, path).convert("RGB")
             # convert() forces the full decode, so truncated/corrupt data fails here, inside
             # the try, rather than later in resize().
             return img.convert("RGB")
@@ -107,12 +171,29 @@ def _open_rgb(path: Path):
         raise MediaError(
             f"input image {str(path)!r} is too large to decode safely ({exc}); downscale it first."
         ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        # PIL reports truncated or corrupt files as OSError (sometimes SyntaxError/ValueError).
-        raise MediaError(
-            f"input image {str(path)!r} could not be decoded ({exc}); the file may be truncated "
-            "or corrupt, re-export or re-download it."
-        ) from exc
+    except OSError as exc:
+        if exc.errno is not None:  # the file system refused (permissions, I/O error), not PIL
+            raise MediaError(f"cannot read input image {str(path)!r}: {exc.strerror}") from exc
+        raise _undecodable(path, exc) from exc
+    except (SyntaxError, ValueError) as exc:
+        raise _undecodable(path, exc) from exc
+
+
+def _undecodable(path: Path, exc: Exception) -> MediaError:
+    # PIL reports truncated or corrupt files as OSError without an errno (sometimes as
+    # SyntaxError/ValueError).
+    return MediaError(
+        f"input image {str(path)!r} could not be decoded ({exc}); the file may be truncated "
+        "or corrupt, re-export or re-download it."
+    )
+
+
+#: How much larger than the crop the resized image may be. The official rule scales the image
+#: to cover the target and then crops, so the excess is the mismatch of the aspect ratios:
+#: 16x still takes a 29:1 panorama into 1280x704. Without a bound, an 86-byte 2000x1 PNG
+#: resized to 1408000x704 before its 1280x704 crop and took 4.2 GB; PIL's decompression-bomb
+#: guard counts only the source pixels.
+MAX_RESIZE_EXCESS = 16
 
 
 def load_image(path: PathLike, width: int, height: int) -> torch.Tensor:
@@ -128,7 +209,7 @@ def load_image(path: PathLike, width: int, height: int) -> torch.Tensor:
     """
     from PIL import Image
 
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in (width, height)):
         raise MediaError(f"target size must be positive integers, got width={width!r}, height={height!r}")
     path = Path(path)
     img = _open_rgb(path)
@@ -137,6 +218,14 @@ def load_image(path: PathLike, width: int, height: int) -> torch.Tensor:
         raise MediaError(f"input image {str(path)!r} is empty ({orig_w}x{orig_h}); use a real image.")
 
     new_size, box = _official_resize_geometry(orig_w, orig_h, width, height)
+    limit = MAX_RESIZE_EXCESS * width * height
+    if new_size[0] * new_size[1] > limit:
+        # Checked on the geometry, before resize() allocates anything.
+        raise MediaError(
+            f"input image {str(path)!r} is {orig_w}x{orig_h}: covering {width}x{height} would resize it to "
+            f"{new_size[0]}x{new_size[1]}, more than {MAX_RESIZE_EXCESS}x the pixels of the crop; its aspect "
+            f"ratio is too far from {width}:{height}, so crop it closer to that first."
+        )
     if new_size[0] < width or new_size[1] < height:
         # Official behaviour (float truncation) -- kept for parity, but worth knowing.
         warnings.warn(
@@ -153,6 +242,24 @@ def load_image(path: PathLike, width: int, height: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Decoder output -> uint8
 # --------------------------------------------------------------------------------------
+
+
+def synthetic_image(path: Path, height: int, width: int, seed: int) -> Path:
+    """A deterministic smooth colour image (seeded random Fourier pattern) saved as PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    img = np.zeros((height, width, 3))
+    for c in range(3):
+        for _ in range(4):
+            fy, fx = rng.uniform(0.5, 4.0, size=2)
+            phase = rng.uniform(0, 2 * np.pi)
+            img[..., c] += np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)
+    img = (img - img.min()) / (img.max() - img.min() + 1e-12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((img * 255).round().astype(np.uint8)).save(path, format="PNG")
+    return path
 
 
 def frames_to_uint8(frames: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
@@ -188,64 +295,28 @@ def frames_to_uint8(frames: torch.Tensor, *, check_finite: bool = True) -> torch
 # --------------------------------------------------------------------------------------
 
 
-def _temp_sibling(path: Path, suffix: str = "") -> Path:
-    """A unique hidden temp name next to ``path`` (same filesystem, so os.replace is atomic)."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
-
-
-def _reserve(tmp: Path) -> int:
-    """Create ``tmp`` exclusively (mode 0666 minus umask, like a normal file) and return its fd."""
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename; best effort because some filesystems refuse fsync on directories."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, os.replace.
-
-    Readers see either the old file or the complete new one, never a partial write.
-    """
+def check_writable_output(path: PathLike, *, overwrite: bool, what: str = "output") -> Path:
+    """Refuse now, before any work, an output that could not be written at the end: a directory,
+    an existing file without ``overwrite``, or a folder that is not a folder or not writable
+    (tried by creating and dropping an unnamed file there). Missing folders are created later."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    fd = _reserve(tmp)
+    if path.is_dir():
+        raise MediaError(f"cannot write {what} {str(path)!r}: it is a directory; pass a file name")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise MediaExistsError(
+            f"{what} {str(path)!r} already exists; pass --overwrite to replace it or choose another output path."
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MediaError(f"cannot write {what} {str(path)!r}: {str(folder)!r} is not a directory")
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise MediaError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
     return path
-
-
-def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
-    """Serialise ``obj`` to JSON and write it atomically (see :func:`atomic_write_text`).
-
-    Serialisation happens before any file is touched, so an unencodable object leaves the
-    existing file untouched and no temp file behind.
-    """
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
-    return atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------
@@ -316,7 +387,8 @@ class VideoWriter:
                 w.append(chunk)
 
     ffmpeg (imageio-ffmpeg's binary, started on the first ``append`` once the frame size is
-    known) writes to a hidden ``.<name>.partial-<pid>-<token><suffix>`` next to the target.
+    known) writes to a hidden ``.<name>.partial-<pid>-t<start>-h<host>-<token><suffix>`` next
+    to the target (the owner tag of :mod:`worldplay.leftovers`).
     A clean exit from the ``with`` block waits for ffmpeg, checks its exit status and moves
     the file onto ``path``; any exception (KeyboardInterrupt included) kills ffmpeg and
     deletes the temp file, so ``path`` never holds a half-written video. Frame sides must
@@ -345,15 +417,7 @@ class VideoWriter:
         if not 1 <= quality <= 10:
             raise MediaError(f"quality must be in [1, 10] (imageio scale), got {quality!r}")
         # Checked here, before any encoding work, so a long rollout cannot end in a refusal.
-        if self.path.is_dir():
-            raise MediaError(
-                f"output path {str(self.path)!r} is a directory; pass a file name ending in .mp4"
-            )
-        if self.path.exists() and not overwrite:
-            raise MediaExistsError(
-                f"output video {str(self.path)!r} already exists; pass --overwrite to replace it "
-                "or choose another output path."
-            )
+        check_writable_output(self.path, overwrite=overwrite, what="output video")
 
     # -- context manager ---------------------------------------------------------------
 
@@ -404,8 +468,8 @@ class VideoWriter:
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Keep the real suffix so ffmpeg picks the same container as for the final name.
-        tmp = _temp_sibling(self.path, suffix=self.path.suffix or ".mp4")
-        os.close(_reserve(tmp))  # claim the name; ffmpeg (-y) then truncates and fills it
+        tmp = temp_sibling(self.path, suffix=self.path.suffix or ".mp4")
+        os.close(reserve_file(tmp))  # claim the name; ffmpeg (-y) then truncates and fills it
         self._tmp = tmp
         self.size = (width, height)
         cmd = _ffmpeg_write_command(
@@ -440,13 +504,13 @@ class VideoWriter:
                 raise MediaError(
                     f"ffmpeg failed (exit {rc}) writing {str(self.path)!r}: {self._ffmpeg_messages()}"
                 )
-            _fsync_file(self._tmp)
+            fsync_file(self._tmp)
             self._commit()
         except BaseException:
             self._discard()
             raise
         self._release()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def _commit(self) -> None:
@@ -557,14 +621,6 @@ def read_video(path: PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, height, width, 3).copy()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def video_info(path: PathLike) -> dict[str, Any]:
     """Facts about a written video for manifests: frames, fps, width, height, bytes, sha256.
 
@@ -587,5 +643,5 @@ def video_info(path: PathLike) -> dict[str, Any]:
         "width": width,
         "height": height,
         "bytes": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
     }

@@ -20,14 +20,14 @@ every chunk, and the retrieved clip is placed just before the recent context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from .constants import CHUNK_LATENTS, MEMORY_SLOTS
 from .nn.dit import KVBuffers
+from .nn.fp8 import E4M3, E4M3_MAX
 
-MEMORY_SLOTS = 16
-CHUNK_LATENTS = 4
-RECENT_CONTEXT = 12
 # Memory frames (and the image latent of chunk 0) are presented as "almost clean":
 # stabilization_level - 1 = 14 in the official pipeline.
 CONTEXT_TIMESTEP = 14.0
@@ -39,8 +39,25 @@ def memory_positions(num_memory: int, chunk: int = CHUNK_LATENTS) -> tuple[torch
     return mem, torch.arange(num_memory, num_memory + chunk, dtype=torch.float64)
 
 
+def _allocate(what: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device) -> dict[str, torch.Tensor]:
+    """Zero-filled tensors of the given shapes; an OOM names what did not fit and its size."""
+    try:
+        return {name: torch.zeros(shape, device=device, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+    except torch.OutOfMemoryError as exc:
+        gib = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in shapes.values()) / 2**30
+        raise torch.OutOfMemoryError(
+            f"{what} need {gib:.1f} GiB and do not fit on {device}; free GPU memory, use a smaller resolution "
+            "or a --low-vram profile"
+        ) from exc
+
+
 class MemoryKV(KVBuffers):
-    """Per-layer keys/values of the memory slots plus the chunk slots, preallocated."""
+    """Per-layer keys/values of the memory slots plus the chunk slots, preallocated.
+
+    :meth:`release` frees the buffers (``RolloutSettings.release_kv_for_decode``: in
+    ``reprefill`` mode they are dead between a chunk's last denoising step and the next
+    prefill, which rewrites every slot it reads); the next ``layer()`` call allocates them
+    again (new addresses, so never under CUDA graphs)."""
 
     def __init__(
         self,
@@ -59,24 +76,43 @@ class MemoryKV(KVBuffers):
         self.tokens_per_frame = tokens_per_frame
         self.memory_slots = memory_slots
         self.chunk_slots = chunk_slots
-        total = (memory_slots + chunk_slots) * tokens_per_frame
-        shape = (num_layers, branches * batch, total, heads, head_dim)
-        try:
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
-        except torch.OutOfMemoryError as exc:
-            gib = 2 * torch.Size(shape).numel() * torch.finfo(dtype).bits / 8 / 2**30
-            raise torch.OutOfMemoryError(
-                f"the memory K/V buffers need {gib:.1f} GiB ({shape} x2, {dtype}) and do not fit on "
-                f"{device}; free GPU memory or use a smaller resolution"
-            ) from exc
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.num_layers, self.rows, self.heads, self.head_dim = num_layers, branches * batch, heads, head_dim
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._acquire()
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor this store holds (what the memory plan counts)."""
+        total = (self.memory_slots + self.chunk_slots) * self.tokens_per_frame
+        shape = (self.num_layers, self.rows, total, self.heads, self.head_dim)
+        return {"k": (shape, self.dtype), "v": (shape, self.dtype)}
+
+    def _acquire(self) -> None:
+        if self._tensors is None:
+            self._tensors = _allocate("the memory K/V buffers", self.shapes(), self.device)
+
+    def release(self) -> None:
+        """Free the buffers until the next ``layer()`` call (their contents are lost)."""
+        self._tensors = None
+
+    @property
+    def k(self) -> torch.Tensor:
+        self._acquire()
+        return self._tensors["k"]
+
+    @property
+    def v(self) -> torch.Tensor:
+        self._acquire()
+        return self._tensors["v"]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[index], self.v[index]
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        """Bytes of the buffers when allocated (counted from their shapes)."""
+        return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in self.shapes().values())
 
     def memory_tokens(self, num_memory: int) -> slice:
         """Token range of the N right-aligned memory slots (written by the prefill)."""
@@ -97,6 +133,109 @@ class MemoryKV(KVBuffers):
     def _check(self, num_memory: int) -> None:
         if not 0 <= num_memory <= self.memory_slots:
             raise ValueError(f"{num_memory} memory frames do not fit the {self.memory_slots} slots")
+
+
+# Tokens quantised per pass: bounds the float32 temporaries of a prefill's store (14,080 tokens at
+# 704x1280 would need ~0.7 GB per layer at once); per-token work, so the result does not depend on it.
+_QUANTIZE_TOKENS = 4096
+
+
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., d]`` -> (e4m3 values, float32 scales ``[..., 1]``): absmax scaling of each
+    token's head vector to the e4m3 range (the scheme of ``worldplay.nn.fp8``, per head)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(E4M3), scale
+
+
+class QuantizedLayerKV(NamedTuple):
+    """One layer of :class:`Fp8MemoryKV`: the e4m3 keys/values of the memory slots ``[rows,
+    memory tokens, H, d]`` with their float32 scales ``[rows, memory tokens, H, 1]``, and the
+    bf16 work buffers ``[rows, memory + chunk tokens, H, d]`` (shared by all layers) that
+    attention reads. A tuple of tensors, so that it passes through compiled code like the plain
+    ``(k, v)`` pair."""
+
+    k8: torch.Tensor
+    v8: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    k_work: torch.Tensor
+    v_work: torch.Tensor
+
+    @property
+    def work(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_work, self.v_work
+
+    def _triples(self):
+        return ((self.k8, self.k_scale, self.k_work), (self.v8, self.v_scale, self.v_work))
+
+    def load(self, read: slice, write: slice | torch.Tensor) -> None:
+        """Dequantise into the work buffers the memory tokens of ``read`` that this call does not
+        write itself (in place: e4m3 -> bf16 is exact, then the float32 scale multiplies)."""
+        start, stop = read.start, min(read.stop, self.k8.shape[1])
+        if start >= stop or (isinstance(write, slice) and write.start <= start and write.stop >= stop):
+            return
+        for x8, scale, work in self._triples():
+            target = work[:, start:stop]
+            target.copy_(x8[:, start:stop])
+            target.mul_(scale[:, start:stop])
+
+    def save(self, write: slice | torch.Tensor) -> None:
+        """Quantise the memory tokens this call has written to the work buffers into the store
+        (a chunk's own tokens, past the memory slots, are never stored)."""
+        if isinstance(write, torch.Tensor):  # token indices (a partial prefill), all in the memory slots
+            for x8, scale, work in self._triples():
+                q8, s = quantize_heads(work.index_select(1, write))
+                x8.index_copy_(1, write, q8)
+                scale.index_copy_(1, write, s)
+            return
+        end = min(write.stop, self.k8.shape[1])
+        for start in range(write.start, end, _QUANTIZE_TOKENS):
+            stop = min(start + _QUANTIZE_TOKENS, end)
+            for x8, scale, work in self._triples():
+                q8, s = quantize_heads(work[:, start:stop])
+                x8[:, start:stop].copy_(q8)
+                scale[:, start:stop].copy_(s)
+
+
+class Fp8MemoryKV(MemoryKV):
+    """``RolloutSettings.kv_dtype="fp8"``: the memory slots' keys/values in e4m3 with a float32
+    scale per token and head (half the bytes of bf16 plus 1/32 for the scales), a fast
+    approximation whose drift is measured.
+
+    Only the memory slots are stored per layer. A chunk's own keys/values are needed only by
+    its own layer's attention, so they go straight into one bf16 work buffer shared by every
+    layer, next to that layer's memory keys/values dequantised for the read; the chunk
+    attends to its own keys/values exactly, and a prefill to the exact keys/values it has
+    just computed (only what later calls read from the store is rounded to e4m3). See
+    ``worldplay.nn.dit._store_and_attend``."""
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        memory = self.memory_slots * self.tokens_per_frame
+        total = (self.memory_slots + self.chunk_slots) * self.tokens_per_frame
+        store = (self.num_layers, self.rows, memory, self.heads, self.head_dim)
+        scales = (self.num_layers, self.rows, memory, self.heads, 1)
+        work = (self.rows, total, self.heads, self.head_dim)
+        return {"k8": (store, E4M3), "v8": (store, E4M3), "k_scale": (scales, torch.float32),
+                "v_scale": (scales, torch.float32), "k_work": (work, self.dtype), "v_work": (work, self.dtype)}
+
+    @property
+    def k(self) -> torch.Tensor:
+        raise AttributeError("Fp8MemoryKV has no bf16 key buffer; use layer(i)")
+
+    @property
+    def v(self) -> torch.Tensor:
+        raise AttributeError("Fp8MemoryKV has no bf16 value buffer; use layer(i)")
+
+    def layer(self, index: int) -> QuantizedLayerKV:
+        self._acquire()
+        t = self._tensors
+        return QuantizedLayerKV(t["k8"][index], t["v8"][index], t["k_scale"][index], t["v_scale"][index],
+                                t["k_work"], t["v_work"])
+
+
+def new_memory_kv(kv_dtype: str, *args, **kwargs) -> MemoryKV:
+    """The memory K/V store of ``RolloutSettings.kv_dtype`` ("bf16": the model dtype, exact)."""
+    return Fp8MemoryKV(*args, **kwargs) if kv_dtype == "fp8" else MemoryKV(*args, **kwargs)
 
 
 @dataclass

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .constants import CHUNK_LATENTS, MEMORY_SLOTS
+
 __all__ = [
     "CLIP_SIZE",
     "CONTEXT_WINDOW_LENGTH",
@@ -47,9 +49,9 @@ __all__ = [
 ]
 
 #: Below this frame index the pipeline uses all earlier latents instead of the FOV selection.
-CONTEXT_WINDOW_LENGTH = 16
+CONTEXT_WINDOW_LENGTH = MEMORY_SLOTS  # the official name
 #: Candidate clips are 4-latent aligned (hard-coded in the official code).
-CLIP_SIZE = 4
+CLIP_SIZE = CHUNK_LATENTS  # the official name
 #: Selection field of view (much narrower than the rendering intrinsics, about 89 x 58 degrees).
 FOV_H_DEG = 60.0
 FOV_V_DEG = 35.0

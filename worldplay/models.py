@@ -22,6 +22,7 @@ from .checkpoint import (
     CheckpointError,
     WeightsIdentity,
     build_on_device,
+    check_hub_spec,
     hub_download,
     load_dit,
     load_vae,
@@ -42,19 +43,44 @@ class LoadedModels:
     identity: dict[str, dict] = field(default_factory=dict)  # component -> WeightsIdentity.to_dict()
 
 
-def resolve_location(spec: str, allow_patterns: list[str]) -> tuple[Path, WeightsIdentity | None]:
-    """A local directory, or ``hf://repo@commit`` downloaded (pinned) into the HF cache."""
+@dataclass(frozen=True)
+class HubLocation:
+    repo_id: str
+    revision: str  # a 40-hex commit
+
+
+def parse_location(spec: str) -> Path | HubLocation:
+    """``--checkpoint``/``--base``: an existing local directory, or ``hf://<repo_id>@<commit>``
+    (a valid repo id and a pinned commit). Checked without network, before any model work."""
     if spec.startswith("hf://"):
         body = spec[len("hf://") :]
         if "@" not in body:
             raise CheckpointError(f"{spec}: give a pinned commit, e.g. hf://tencent/HY-WorldPlay@<40-hex commit>")
         repo_id, revision = body.rsplit("@", 1)
-        root, identity = hub_download(repo_id, revision, allow_patterns=allow_patterns)
-        return root, identity
+        check_hub_spec(repo_id, revision)
+        return HubLocation(repo_id, revision)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{spec}: no such directory")
-    return path, None
+    return path
+
+
+# (repo, commit, patterns) -> what hub_download gave: a run names the same hf:// location at
+# several steps (the early file check, the prompt, the models); the snapshot is resolved and its
+# identity computed once per process (a pinned commit cannot change under it).
+_RESOLVED: dict[tuple[str, str, tuple[str, ...]], tuple[Path, WeightsIdentity]] = {}
+
+
+def resolve_location(spec: str, allow_patterns: list[str]) -> tuple[Path, WeightsIdentity | None]:
+    """A local directory, or ``hf://repo@commit`` downloaded (pinned) into the HF cache, once per
+    process for the same files."""
+    location = parse_location(spec)
+    if isinstance(location, HubLocation):
+        key = (location.repo_id, location.revision, tuple(allow_patterns))
+        if key not in _RESOLVED:
+            _RESOLVED[key] = hub_download(location.repo_id, location.revision, allow_patterns=allow_patterns)
+        return _RESOLVED[key]
+    return location, None
 
 
 def load_real_models(checkpoint: str, base: str, *, device, dtype=torch.bfloat16) -> LoadedModels:

@@ -7,10 +7,18 @@ chunk becomes max(DiT, decode) plus a latent transfer, instead of their sum.
 
 Two processes (``torch.multiprocessing``), one per device, joined by ``torch.distributed``
 (NCCL on GPUs, gloo on the CPU for tests). Both load the same weights through the
-``build_models`` callable. Rank 0 runs :meth:`WorldPlayPipeline.rollout` with ``decode=False``
+``build_models`` callable. Rank 0 runs :meth:`worldplay.rollout.WorldPlayPipeline.rollout` with ``decode=False``
 and sends each chunk's latents to rank 1, which decodes them with its own streaming VAE state in
 chunk order. The frames are therefore the one-device rollout's frames, bit for bit, given
-deterministic kernels (tested on the CPU).
+deterministic kernels (tested on the CPU). Both ranks stream their halves of each chunk back to
+the calling process through a queue, which yields them as the same
+:class:`~worldplay.rollout.ChunkOutput` records as the one-device rollout, as they arrive.
+
+Against N ranks of one session (:mod:`worldplay.ranks`: the DiT in sequence parallel, the decode
+split by columns) this pipeline loses from two GPUs on: a chunk still waits for one GPU's whole
+DiT (predicted 0.97 s per chunk at 704x1280 against 0.76 s for two ranks, notes/perf.md round 7).
+Splitting N GPUs into a DiT group and a decode group pays only where the DiT's sequence parallel
+loses efficiency (predicted ~9 % at 8 GPUs: 6 for the DiT, 2 for the decode), so it is not built.
 
 Timing: each rank stamps ``time.perf_counter()`` (one monotonic clock for processes of one host)
 when a chunk's latents are sent (rank 0) and when its frames are on the host (rank 1).
@@ -26,37 +34,25 @@ its decoder up (compiles it) on a scratch stream before the rollout starts, and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import queue
 import socket
-import tempfile
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .accel import AccelStats
+from .allocator import read_peaks, reset_peaks
+from .decode_runner import DecodeOptions, DecodeRunner
 from .media import frames_to_uint8
 from .memory import CHUNK_LATENTS
 from .models import LoadedModels
 from .pose import Trajectory
-from .rollout import RolloutError, RolloutSettings, StageTimer, WorldPlayPipeline
-
-
-@dataclass
-class PipelinedChunk:
-    index: int
-    frames: np.ndarray | None  # uint8 [T, H, W, 3] (None unless keep_frames)
-    latents: torch.Tensor  # float32 [1, C, 4, h, w], CPU
-    timings_ms: dict[str, float]  # rank 0's stages, rank 1's decode, and interval (see module doc)
-    sent_s: float  # rank 0: latents handed to the transfer
-    ready_s: float  # rank 1: frames on the host
-    memory_indices: list[int] | None = None
+from .rollout import ChunkOutput, RolloutError, RolloutSettings, WorldPlayPipeline
+from .timing import StageTimer
 
 
 class PipelineError(RuntimeError):
@@ -69,85 +65,132 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pipelined_rollout(
-    build_models: Callable[[torch.device], LoadedModels],
-    image: torch.Tensor,
-    text_states: torch.Tensor,
-    trajectory: Trajectory,
-    settings: RolloutSettings,
-    *,
-    devices: tuple[str, str] = ("cuda:0", "cuda:1"),
-    keep_frames: bool = True,
-    dtype: torch.dtype = torch.bfloat16,
-) -> tuple[list[PipelinedChunk], dict]:
-    """Run one rollout over two devices; returns the chunks in order and the accel counters of
-    rank 0. ``build_models`` must be picklable (a module-level function or a partial of one)."""
-    if dtype != torch.bfloat16:
-        raise RolloutError("pipelined rollouts run in bfloat16 (the float32 reference decodes latent by latent)")
-    trajectory.for_chunks(settings.num_chunk)  # errors before any process starts
-    # "cuda" means the first GPU; process groups need explicit indices.
-    devices = tuple(f"{d}:0" if d == "cuda" else d for d in devices)
-    backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
-    if backend == "nccl" and torch.cuda.device_count() < 2:
-        raise RolloutError(f"a two-GPU pipeline needs 2 CUDA devices; this machine has {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory(prefix="worldplay-pipe-") as tmp:
-        out_dir = Path(tmp)
-        args = (_free_port(), build_models, image.cpu(), text_states.cpu(), trajectory,
-                dataclasses.replace(settings, decode=True), devices, backend, keep_frames, str(out_dir))
+class TwoDevicePipeline:
+    """:class:`~worldplay.rollout.WorldPlayPipeline` over two devices: the DiT on ``devices[0]``,
+    the VAE decode on ``devices[1]``, each in its own process with the models ``build_models``
+    gives it (it must be picklable: a module-level function or a partial of one).
+    :meth:`rollout` yields the same records as the one-device rollout; ``last_accel_stats``
+    holds rank 0's counters once the stream has ended."""
+
+    def __init__(self, build_models: Callable[[torch.device], LoadedModels], *,
+                 devices: tuple[str, str] = ("cuda:0", "cuda:1"), dtype: torch.dtype = torch.bfloat16):
+        if dtype != torch.bfloat16:
+            raise RolloutError("pipelined rollouts run in bfloat16 (the float32 reference decodes latent by latent)")
+        # "cuda" means the first GPU; process groups need explicit indices.
+        self.devices = tuple(f"{d}:0" if d == "cuda" else d for d in devices)
+        self.backend = "nccl" if all(d.startswith("cuda") for d in self.devices) else "gloo"
+        if self.backend == "nccl" and torch.cuda.device_count() < 2:
+            raise RolloutError(f"a two-GPU pipeline needs 2 CUDA devices; this machine has {torch.cuda.device_count()}")
+        self.build_models = build_models
+        self.last_accel_stats = AccelStats()
+        # Each rank's peak memory over its rollout (worldplay.allocator.read_peaks), once the stream has ended.
+        self.last_peaks: dict[str, dict] = {}
+
+    def rollout(self, image: torch.Tensor, text_states: torch.Tensor, trajectory: Trajectory,
+                settings: RolloutSettings, *, keep_frames: bool = True) -> Iterator[ChunkOutput]:
+        """One rollout over the two devices, chunk by chunk (each rank's peak memory in
+        ``last_peaks`` at the end). ``keep_frames=False``: the frames stay on rank 1 (``frames``
+        is empty), for benchmarks. Besides the one-device stages,
+        ``timings_ms`` has rank 1's ``decode`` and ``recv_wait`` and, from chunk 1 on,
+        ``interval``, ``sent_interval`` and ``pipelined`` (see the module doc)."""
+        trajectory.for_chunks(settings.num_chunk)  # errors before any process starts
+        records = mp.get_context("spawn").Queue()
+        args = (_free_port(), self.build_models, image.cpu(), text_states.cpu(), trajectory,
+                dataclasses.replace(settings, decode=True), self.devices, self.backend, keep_frames, records)
+        workers = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
         try:
-            mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
-        except Exception as exc:  # noqa: BLE001 - re-raised with the workers' own tracebacks
-            errors = [p.read_text() for p in sorted(out_dir.glob("error-*.txt"))] or [str(exc)]
-            last = errors[0].strip().splitlines()[-1]
-            raise PipelineError(f"a pipeline worker failed: {last}\n" + "\n".join(errors)) from None
-        rank0 = json.loads((out_dir / "rank0.json").read_text())
-        rank1 = json.loads((out_dir / "rank1.json").read_text())
-        chunks = []
-        for c0, c1 in zip(rank0["chunks"], rank1["chunks"], strict=True):
-            i = c0["index"]
-            frames = np.load(out_dir / f"frames-{i}.npy") if keep_frames else None
-            latents = torch.load(out_dir / f"latents-{i}.pt", weights_only=True)
-            timings = {**c0["timings_ms"], "decode": c1["decode_ms"], "recv_wait": c1["recv_wait_ms"]}
-            chunks.append(PipelinedChunk(index=i, frames=frames, latents=latents, timings_ms=timings,
-                                         sent_s=c0["sent_s"], ready_s=c1["ready_s"],
-                                         memory_indices=c0["memory_indices"]))
-    for prev, cur in zip(chunks, chunks[1:], strict=False):
-        cur.timings_ms["interval"] = (cur.ready_s - prev.ready_s) * 1e3
-        cur.timings_ms["sent_interval"] = (cur.sent_s - prev.sent_s) * 1e3
-        cur.timings_ms["pipelined"] = max(cur.timings_ms["interval"], cur.timings_ms["sent_interval"])
-    return chunks, rank0["accel"]
+            yield from self._collect(workers, records, settings.num_chunk, tuple(image.shape[-2:]))
+        finally:
+            for process in workers.processes:  # a stream abandoned half-way: end its workers
+                if process.is_alive():
+                    process.terminate()
+                    process.join()
+
+    def _collect(self, workers, records, num_chunk: int, size: tuple[int, int]) -> Iterator[ChunkOutput]:
+        halves: dict[str, dict[int, dict]] = {"dit": {}, "decode": {}}
+        ends: dict[str, object] = {}  # "accel" (rank 0's counters), "peak0", "peak1" (each rank's peaks)
+        previous = None
+        for index in range(num_chunk):
+            while index not in halves["dit"] or index not in halves["decode"]:
+                kind, i, payload = self._receive(workers, records)
+                if kind in halves:
+                    halves[kind][i] = payload
+                else:
+                    ends[kind if i is None else f"{kind}{i}"] = payload
+            dit, dec = halves["dit"].pop(index), halves["decode"].pop(index)
+            frames = (torch.from_numpy(dec["frames"]) if dec["frames"] is not None
+                      else torch.empty(0, *size, 3, dtype=torch.uint8))
+            out = ChunkOutput(index=index, frames=frames, latents=torch.from_numpy(dit["latents"]),
+                              memory=dit["memory"],
+                              timings_ms={**dit["timings_ms"], "decode": dec["decode_ms"], "recv_wait": dec["recv_wait_ms"]},
+                              clock_s={"sent": dit["sent_s"], "ready": dec["ready_s"]})
+            if previous is not None:
+                t = out.timings_ms
+                t["interval"] = (out.clock_s["ready"] - previous.clock_s["ready"]) * 1e3
+                t["sent_interval"] = (out.clock_s["sent"] - previous.clock_s["sent"]) * 1e3
+                t["pipelined"] = max(t["interval"], t["sent_interval"])
+            previous = out
+            yield out
+        while len(ends) < 3:
+            kind, i, payload = self._receive(workers, records)
+            ends[kind if i is None else f"{kind}{i}"] = payload
+        self.last_accel_stats = AccelStats(**ends["accel"])
+        self.last_peaks = {"rank0 (DiT)": ends["peak0"], "rank1 (decode)": ends["peak1"]}
+        while not self._join(workers, timeout=None):
+            pass
+
+    def _receive(self, workers, records) -> tuple[str, int | None, object]:
+        """The next record from a worker; a failed worker raises :class:`PipelineError`."""
+        while True:
+            try:
+                return records.get(timeout=0.2)
+            except queue.Empty:
+                pass
+            if self._join(workers, timeout=0):  # every worker has exited, and cleanly
+                try:
+                    return records.get(timeout=5)
+                except queue.Empty:
+                    raise PipelineError("the pipeline workers exited before sending every chunk") from None
+
+    def _join(self, workers, timeout) -> bool:
+        try:
+            return workers.join(timeout=timeout)
+        except mp.ProcessRaisedException as exc:
+            trace = exc.msg.split("terminated with the following error:", 1)[-1].strip()
+            raise PipelineError(f"a pipeline worker failed: {trace.splitlines()[-1]}\n"
+                                f"rank {exc.error_index} ({self.devices[exc.error_index]}):\n{trace}") from None
+        except mp.ProcessExitedException as exc:
+            raise PipelineError(f"a pipeline worker failed: rank {exc.error_index} "
+                                f"({self.devices[exc.error_index]}) {exc}") from None
 
 
 def _worker(rank, port, build_models, image, text_states, trajectory, settings, devices, backend, keep_frames,
-            out_dir) -> None:
-    out = Path(out_dir)
+            records) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=2, device_id=device if device.type == "cuda" else None)
     try:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        device = torch.device(devices[rank])
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, rank=rank, world_size=2,
-                                device_id=device if device.type == "cuda" else None)
-        try:
-            models = build_models(device)
-            if rank == 1:
-                _warm_up_decoder(models, image, settings, device)
-            dist.barrier()  # rank 0 starts the rollout once the decoder is ready
-            if rank == 0:
-                _dit_side(models, image, text_states, trajectory, settings, device, out)
-            else:
-                _decode_side(models, image, settings, device, keep_frames, out)
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent through the file
-        (out / f"error-{rank}.txt").write_text(f"rank {rank} ({devices[rank]}):\n{traceback.format_exc()}")
-        raise
+        models = build_models(device)
+        if rank == 1:
+            decoder = DecodeRunner(models.vae, DecodeOptions.for_settings(settings))
+            _warm_up_decoder(decoder, models, image, device)
+        dist.barrier()  # rank 0 starts the rollout once the decoder is ready
+        reset_peaks(device)  # each rank's peak covers its part of the rollout (its models included)
+        if rank == 0:
+            _dit_side(models, image, text_states, trajectory, settings, device, records)
+        else:
+            _decode_side(decoder, models, image, settings, device, keep_frames, records)
+        records.put(("peak", rank, read_peaks(device)))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
-def _dit_side(models, image, text_states, trajectory, settings, device, out: Path) -> None:
+def _dit_side(models, image, text_states, trajectory, settings, device, records) -> None:
     pipe = WorldPlayPipeline(models.dit, models.vae, device=device)
-    records, pending = [], []
+    pending = []
     for chunk in pipe.rollout(image, text_states, trajectory, dataclasses.replace(settings, decode=False)):
         # isend, never waited on until the end: a blocking send would make the DiT's stream wait
         # until the decoder has posted its receive, so a busy decoder would stall the DiT (the
@@ -155,12 +198,13 @@ def _dit_side(models, image, text_states, trajectory, settings, device, out: Pat
         # nothing overwrites; the process group keeps it alive until the transfer is done.
         latents = chunk.device_latents.contiguous()
         pending.append((dist.isend(latents, dst=1), latents))  # the tensor is held until the end
-        records.append({"index": chunk.index, "timings_ms": chunk.timings_ms, "sent_s": time.perf_counter(),
-                        "memory_indices": list(chunk.memory.indices) if chunk.memory else None})
-        torch.save(chunk.latents, out / f"latents-{chunk.index}.pt")
+        sent = time.perf_counter()
+        # By value (numpy pickles its bytes): a shared-memory tensor would have to outlive this process.
+        records.put(("dit", chunk.index, {"timings_ms": chunk.timings_ms, "sent_s": sent, "memory": chunk.memory,
+                                          "latents": chunk.latents.numpy()}))
     for work, _ in pending:
         work.wait()
-    (out / "rank0.json").write_text(json.dumps({"chunks": records, "accel": pipe.last_accel_stats.to_dict()}))
+    records.put(("accel", None, pipe.last_accel_stats.to_dict()))
 
 
 def _latent_shape(models, image) -> tuple[int, int, int, int, int]:
@@ -169,43 +213,35 @@ def _latent_shape(models, image) -> tuple[int, int, int, int, int]:
 
 
 @torch.no_grad()
-def _warm_up_decoder(models, image, settings, device) -> None:
+def _warm_up_decoder(decoder: DecodeRunner, models, image, device) -> None:
     """Decode two chunks of zeros on a scratch stream: the first (fresh-stream) call and the
     steady call, so that compiling the steady decoder does not happen inside the timed rollout."""
-    vae = models.vae
-    if settings.fast_decode:
-        vae.enable_fast_decode()
     shape = _latent_shape(models, image)
-    scratch = vae.new_decode_state(1, shape[3], shape[4], device=device, dtype=next(vae.parameters()).dtype)
+    scratch = decoder.new_decode_state(1, shape[3], shape[4], device=device, dtype=next(models.vae.parameters()).dtype)
     zeros = torch.zeros(shape, dtype=torch.bfloat16, device=device)
     for _ in range(2):
-        vae.decode(zeros, scratch)
+        decoder.decode(zeros, scratch)
     del scratch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
 
-def _decode_side(models, image, settings, device, keep_frames: bool, out: Path) -> None:
-    vae = models.vae
+def _decode_side(decoder: DecodeRunner, models, image, settings, device, keep_frames: bool, records) -> None:
     shape = _latent_shape(models, image)
-    state = vae.new_decode_state(1, shape[3], shape[4], device=device, dtype=next(vae.parameters()).dtype)
-    records = []
+    state = decoder.new_decode_state(1, shape[3], shape[4], device=device, dtype=next(models.vae.parameters()).dtype)
     with torch.no_grad():
         for index in range(settings.num_chunk):
             latents = torch.empty(shape, dtype=torch.bfloat16, device=device)
             timer = StageTimer(device)
             dist.recv(latents, src=0)
             timer.mark("recv_wait")
-            frames = frames_to_uint8(vae.decode(latents, state)).cpu()
+            frames = frames_to_uint8(decoder.decode(latents, state)).cpu()
             timer.mark("decode")
             ready = time.perf_counter()
             stages = timer.read()
-            records.append({"index": index, "decode_ms": stages["decode"], "recv_wait_ms": stages["recv_wait"],
-                            "ready_s": ready})
-            if keep_frames:
-                np.save(out / f"frames-{index}.npy", frames.numpy())
-    (out / "rank1.json").write_text(json.dumps({"chunks": records}))
+            records.put(("decode", index, {"decode_ms": stages["decode"], "recv_wait_ms": stages["recv_wait"],
+                                           "ready_s": ready, "frames": frames.numpy() if keep_frames else None}))
 
 
 def _build_random(preset: str, seed: int, device: torch.device) -> LoadedModels:

@@ -1,58 +1,41 @@
-"""The chunked autoregressive rollout, as a generator.
+"""The chunked autoregressive rollout, as a generator: a loop over a :class:`~worldplay.session.WorldSession`.
 
 Per chunk it yields the decoded uint8 frames, the chunk's clean latents, the memory frames it
-attended to, and its stage timings. The CLI, benchmarks, drift studies and parity checks all
-consume this one stream.
+attended to, and its stage timings (:class:`ChunkOutput`). The CLI, benchmarks, drift studies
+and parity checks all consume this one stream; the live server steps the same session with a
+player's keys instead of a scripted trajectory. The order of work per chunk and the RNG order are
+described in :mod:`worldplay.session`.
 
-Order of work per chunk (official semantics, ``reprefill`` memory mode):
-
-1. memory selection (chunks >= 1): 12 recent + 1 retrieved clip from chunk 4 on, all earlier
-   latents before; the selected clean latents are gathered into the right-aligned slots;
-2. prefill: one pass of the DiT over the memory latents at t = 14 writes every layer's K/V in
-   place;
-3. four Euler steps over the chunk's 4 latents attending to [memory; chunk];
-4. the clean chunk is stored in the latent history and decoded by the streaming VAE.
-
-RNG (so that a seeded rollout can match the official one): after seeding, the memory point
-cloud comes from the CPU generator; one float32 noise tensor ``[1, 48, noise_latents, h, w]``
-is drawn on the device (chunk c uses latents 4c..4c+3 of it, so every chunk's noise depends on
-``noise_latents``, 241 in the official CLI), then the image latent's posterior sample.
+This module holds the vocabulary of generation (settings, output records, the stage timer) and
+:class:`WorldPlayPipeline`, which holds the models and what is worth keeping across rollouts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .accel import ACCEL_MODES, DiTRunner
-from .media import frames_to_uint8
-from .memory import (
-    CHUNK_LATENTS,
-    CONTEXT_TIMESTEP,
-    MEMORY_SLOTS,
-    LatentHistory,
-    MemoryKV,
-    ReuseState,
-    memory_positions,
-)
-from .memory_select import MemorySelection, memory_point_cloud, select_memory
-from .nn.attention import check_backend, fa4_usable
+from .accel import ACCEL_MODES
+from .actions import chunk_poses
+from .constants import CHUNK_LATENTS, OFFICIAL_NOISE_LATENTS
+from .decode_runner import DECODE_GROUPS, DecodeOptions, DecodeRunner
+from .memory_select import MemorySelection
+from .nn.attention import check_backend
 from .nn.dit import WanDiT
-from .nn.fp8 import fp8_linears
-from .nn.rope import rotate_temporal, temporal_rotation_tables
+from .nn.fp8 import Fp8Linears
+from .offload import PlacedDiT
 from .pose import Trajectory
-from .sampler import distilled_schedule, euler_step
 
 # reprefill: the official behaviour (all memory K/V recomputed every chunk). reuse: a fast
 # approximation that keeps the K/V of frames that stay selected (re-rotated to their new
 # positions) and computes only newly selected frames; its drift is measured, never assumed.
 MEMORY_MODES = ("reprefill", "reuse")
 LINEAR_DTYPES = ("bf16", "fp8")
-OFFICIAL_NOISE_LATENTS = 241  # (961 - 1) // 4 + 1: the official CLI's default --num_frames 961
+KV_DTYPES = ("bf16", "fp8")
 
 
 class RolloutError(ValueError):
@@ -61,6 +44,8 @@ class RolloutError(ValueError):
 
 @dataclass(frozen=True)
 class RolloutSettings:
+    # Chunks of a rollout; for a live session, the chunks its history is preallocated for (it
+    # may run longer, see worldplay.session).
     num_chunk: int
     seed: int = 0
     noise_latents: int = OFFICIAL_NOISE_LATENTS
@@ -71,7 +56,7 @@ class RolloutSettings:
     # .to(bfloat16)); True reproduces that, False keeps float32 tables.
     official_rope_tables: bool = True
     accel: str = "eager"  # see worldplay.accel: eager, compile, graphs, compile+graphs
-    fast_decode: bool = False  # channels-last + compiled VAE decoder (WanVAE.enable_fast_decode)
+    fast_decode: bool = False  # channels-last + compiled VAE decoder (worldplay.decode_runner)
     # "fp8": the DiT blocks' linear layers in e4m3 with per-row scales (worldplay.nn.fp8), a fast
     # approximation whose drift is measured; "bf16": the model dtype (exact).
     linear_dtype: str = "bf16"
@@ -82,6 +67,26 @@ class RolloutSettings:
     # False: no VAE decode here (frames come back empty); the clean latents are handed on in
     # ChunkOutput.device_latents, e.g. to a decoder on another GPU (worldplay.pipelined).
     decode: bool = True
+    # -- memory (worldplay.memory_plan counts what each costs; worldplay.lowvram combines them) --
+    # Latents per decoder call (1, 2 or 4): the decoder's activations scale with it; the frames
+    # are the same (exact).
+    decode_group: int = 4
+    # >0: the decoder's full-resolution stages on this many frames at a time (exact, less memory).
+    decode_top_frames: int = 0
+    # fast_decode's channels-last copy of the decoder weights (1.03 GiB at wan5b); False runs the
+    # VAE's own weights with channels-last activations (exact; cuDNN re-lays weights per call).
+    decoder_copy: bool = True
+    # "fp8": the memory K/V in e4m3 with a scale per token and head (worldplay.memory.Fp8MemoryKV),
+    # a fast approximation whose drift is measured; "bf16": the model dtype (exact).
+    kv_dtype: str = "bf16"
+    # The DiT's weights stay in host memory; the runner copies to the device what it runs
+    # (worldplay.offload.PlacedDiT), streaming `streamed_blocks` of its blocks (all, if more) from
+    # pinned host memory per forward (exact; no CUDA graphs then). Drivers load the DiT on the host.
+    dit_on_host: bool = False
+    streamed_blocks: int = 0
+    # Free the memory K/V between a chunk's last step and the next prefill, so the decoder's
+    # activations use that memory (exact in reprefill mode; no CUDA graphs: the buffers move).
+    release_kv_for_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.num_chunk < 1:
@@ -100,62 +105,74 @@ class RolloutSettings:
             raise RolloutError(f"accel {self.accel!r} unknown; choose one of {ACCEL_MODES}")
         if self.linear_dtype not in LINEAR_DTYPES:
             raise RolloutError(f"linear_dtype {self.linear_dtype!r} unknown; choose one of {LINEAR_DTYPES}")
+        check_memory_settings(self)
+
+
+def fastest_settings(device_type: str) -> dict[str, Any]:
+    """The fastest known native ``RolloutSettings`` overrides: the one place the
+    fastest settings are defined (``worldplay run --fastest`` and the ``native-fastest`` leg read them) (the performance work updates it here).
+
+    On CUDA: FlashAttention-4 (the optional ``flash-attn-4`` package, 8-12 % faster than cuDNN on
+    the H100 for these shapes) where it imports, else cuDNN attention; compiled blocks, the
+    steady-state prefill and steps as CUDA-graph replays, the fused q/k/v and GELU kernels
+    (``worldplay.nn.fused``), and the channels-last compiled VAE decoder (notes/perf.md has the
+    measurements). The result records the backend used.
+    On the CPU cuDNN attention and CUDA graphs do not exist; the dispatcher's choice (``sdpa``)
+    stands in, eagerly, and the result says so.
+    """
+    if device_type == "cuda":
+        from .nn.attention import fa4_usable
+
+        backend = "fa4" if fa4_usable() else "cudnn"
+        return {"attention_backend": backend, "accel": "compile+graphs", "fast_decode": True, "fused_kernels": True}
+    return {"attention_backend": "sdpa"}
+
+
+def check_memory_settings(settings: RolloutSettings) -> None:
+    """The memory settings and the combinations they exclude (each with the fix)."""
+    if settings.decode_group not in DECODE_GROUPS:
+        raise RolloutError(f"decode_group {settings.decode_group} unknown; choose one of {DECODE_GROUPS} latents per call")
+    if isinstance(settings.decode_top_frames, bool) or not isinstance(settings.decode_top_frames, int) \
+            or settings.decode_top_frames < 0:
+        raise RolloutError(f"decode_top_frames must be an integer >= 0 (0: off), got {settings.decode_top_frames!r}")
+    if settings.kv_dtype not in KV_DTYPES:
+        raise RolloutError(f"kv_dtype {settings.kv_dtype!r} unknown; choose one of {KV_DTYPES}")
+    if settings.kv_dtype == "fp8" and settings.memory_mode != "reprefill":
+        raise RolloutError("kv_dtype='fp8' needs memory_mode='reprefill' (reuse re-rotates stored keys in place)")
+    if isinstance(settings.streamed_blocks, bool) or not isinstance(settings.streamed_blocks, int) \
+            or settings.streamed_blocks < 0:
+        raise RolloutError(f"streamed_blocks must be an integer >= 0, got {settings.streamed_blocks!r}")
+    graphs = "graphs" in settings.accel
+    if settings.streamed_blocks and not settings.dit_on_host:
+        raise RolloutError("streamed_blocks streams the DiT from host memory: set dit_on_host=True as well")
+    if settings.streamed_blocks and graphs:
+        raise RolloutError(f"streamed_blocks needs accel 'eager' or 'compile' (CUDA graphs cannot capture the "
+                           f"block copies), got {settings.accel!r}")
+    if settings.release_kv_for_decode and settings.memory_mode != "reprefill":
+        raise RolloutError("release_kv_for_decode needs memory_mode='reprefill' (reuse keeps the K/V across chunks)")
+    if settings.release_kv_for_decode and graphs:
+        raise RolloutError(f"release_kv_for_decode needs accel 'eager' or 'compile' (CUDA graphs hold the K/V "
+                           f"addresses), got {settings.accel!r}")
 
 
 @dataclass
 class ChunkOutput:
+    """One chunk of a rollout, from one device (:meth:`WorldPlayPipeline.rollout`) or two
+    (:class:`worldplay.pipelined.TwoDevicePipeline`)."""
+
     index: int
     frames: torch.Tensor  # uint8 [T, H, W, 3] on the CPU (13 frames for chunk 0, then 16)
     latents: torch.Tensor  # clean normalised latents [1, C, 4, h, w] (float32, CPU)
     memory: MemorySelection | None
     timings_ms: dict[str, float] = field(default_factory=dict)
     device_latents: torch.Tensor | None = None  # the clean latents in the model dtype, on the device
-
-
-class StageTimer:
-    """Stage boundaries as CUDA events (GPU) or perf_counter (CPU), read once per chunk.
-
-    ``mark(name)`` closes the stage ``name`` that started at the previous mark; nothing
-    synchronises until :meth:`read`, which the rollout calls after the chunk's frames have been
-    copied to the host anyway.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.names: list[str] = []
-        self.points: list = []
-        self._start()
-
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _start(self) -> None:
-        self.points = [self._now()]
-        self.names = []
-
-    def mark(self, name: str) -> None:
-        self.names.append(name)
-        self.points.append(self._now())
-
-    def read(self) -> dict[str, float]:
-        if self.cuda:
-            self.points[-1].synchronize()
-            spans = [a.elapsed_time(b) for a, b in zip(self.points, self.points[1:], strict=False)]
-        else:
-            spans = [(b - a) * 1e3 for a, b in zip(self.points, self.points[1:], strict=False)]
-        out: dict[str, float] = {}
-        for name, ms in zip(self.names, spans, strict=True):
-            out[name] = out.get(name, 0.0) + ms
-        self._start()
-        return out
+    # time.perf_counter() stamps of the chunk's milestones: "ready" (its frames are on the host);
+    # two devices add "sent" (rank 0 handed its latents to the transfer).
+    clock_s: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def _no_tf32() -> Iterator[None]:
+def no_tf32() -> Iterator[None]:
     """No TF32 in matmuls or cuDNN convolutions inside the ``with`` (float32 references)."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -166,206 +183,85 @@ def _no_tf32() -> Iterator[None]:
 
 
 class WorldPlayPipeline:
-    """Holds the models; :meth:`~worldplay.rollout.WorldPlayPipeline.rollout` runs one video."""
+    """Holds the models; starts sessions (one world, stepped chunk by chunk) and rollouts (one
+    video along a scripted trajectory: a loop over a session).
 
-    def __init__(self, dit: WanDiT, vae, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
+    :meth:`session` makes a :class:`~worldplay.session.WorldSession`; :meth:`rollout` steps one
+    along a trajectory.
+
+    The models stay as they were loaded: every speed-up lives in a runner that the settings
+    choose (:class:`worldplay.accel.DiTRunner`, :class:`worldplay.decode_runner.DecodeRunner`),
+    so rollouts with different settings can run in any order. What is worth keeping across
+    rollouts (fp8 weights, a re-laid-out compiled decoder) is cached here, per setting."""
+
+    def __init__(self, dit: WanDiT, vae, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                 ranks=None):
         if not dit.worldplay:
             raise RolloutError("the DiT has no HY-WorldPlay modules (build it with worldplay=True)")
         self.dit = dit
         self.vae = vae
         self.device = torch.device(device)
         self.dtype = dtype
+        # worldplay.ranks.RankGroup: this process's rank of a session run over several (None: one rank)
+        self.ranks = ranks
+        self._fp8: Fp8Linears | None = None
+        self._decode_runners: dict[DecodeOptions, DecodeRunner] = {}
+        self._placed: dict[tuple[str, int], PlacedDiT] = {}
 
-    @torch.no_grad()
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def decode_runner(self, options: DecodeOptions) -> DecodeRunner:
+        """The VAE decode with ``options`` (made once per options and kept)."""
+        if options not in self._decode_runners:
+            self._decode_runners[options] = DecodeRunner(self.vae, options)
+        return self._decode_runners[options]
+
+    def fp8_linears(self) -> Fp8Linears:
+        """The DiT's block linears in fp8 (made once and kept)."""
+        if self._fp8 is None:
+            self._fp8 = Fp8Linears(self.dit, quantize_on=self.device)
+        return self._fp8
+
+    def placed_dit(self, settings: RolloutSettings) -> PlacedDiT | None:
+        """``settings.dit_on_host``: the device side of the DiT (or of its fp8 variant) that runs
+        from host memory, made once per (linear dtype, streamed blocks) and kept."""
+        if not settings.dit_on_host:
+            return None
+        key = (settings.linear_dtype, settings.streamed_blocks)
+        if key not in self._placed:
+            source = self.fp8_linears().model() if settings.linear_dtype == "fp8" else self.dit
+            self._placed[key] = PlacedDiT(source, self.device, settings.streamed_blocks)
+        return self._placed[key]
+
+    def session(self, image: torch.Tensor, text_states: torch.Tensor, settings: RolloutSettings, *,
+                decode_options: DecodeOptions | None = None, preallocate: int | None = None):
+        """A :class:`~worldplay.session.WorldSession` from ``image [3, H, W]`` in [-1, 1] and the
+        prompt embeddings ``text_states [1, L, text_dim]``: one :meth:`~worldplay.session.WorldSession.step`
+        per chunk; ``preallocate``: chunks its history is allocated for (default ``settings.num_chunk``)."""
+        from .session import WorldSession  # the session builds on this module's vocabulary
+
+        return WorldSession(self, image, text_states, settings, decode_options=decode_options,
+                            preallocate=preallocate)
+
     def rollout(
         self,
         image: torch.Tensor,
         text_states: torch.Tensor,
         trajectory: Trajectory,
         settings: RolloutSettings,
+        *,
+        decode_options: DecodeOptions | None = None,
     ) -> Iterator[ChunkOutput]:
         """Generate ``settings.num_chunk`` chunks from ``image [3, H, W]`` in [-1, 1] and the
-        prompt embeddings ``text_states [1, L, text_dim]``."""
+        prompt embeddings ``text_states [1, L, text_dim]`` along ``trajectory``: a session
+        stepped with the trajectory's chunks.
+
+        ``decode_options``: decoder options other than those ``settings.fast_decode`` chooses
+        (probes of decode variants, e.g. CUDA graphs)."""
         traj = trajectory.for_chunks(settings.num_chunk)  # errors before any model work
-        if settings.linear_dtype == "fp8" and self.dtype != torch.bfloat16:
-            raise RolloutError("linear_dtype='fp8' runs with bfloat16 models")
-        with contextlib.ExitStack() as stack:
-            if settings.linear_dtype == "fp8":
-                stack.enter_context(fp8_linears(self.dit))
-            if self.dtype == torch.float32:
-                stack.enter_context(_no_tf32())  # a float32 run is a reference
-            yield from self._rollout(image, text_states, traj, settings)
-
-    def _rollout(self, image, text_states, traj, settings: RolloutSettings) -> Iterator[ChunkOutput]:
-        dev, dtype, dit = self.device, self.dtype, self.dit
-        if settings.attention_backend in ("cudnn", "fa4") and dev.type != "cuda":
-            raise RolloutError(f"attention backend {settings.attention_backend!r} runs only on CUDA GPUs; "
-                               "use 'sdpa' on this device")
-        if settings.attention_backend == "fa4" and not fa4_usable():
-            raise RolloutError("attention backend 'fa4' needs the flash-attn-4 package (pip install "
-                               "'worldplay[fa4]') and a Hopper or Blackwell GPU; or use 'cudnn'")
-        height, width = image.shape[-2:]
-        spatial = self.vae.config.scale_factor_spatial
-        if height % (spatial * 2) or width % (spatial * 2):
-            raise RolloutError(f"image size {height}x{width} must be a multiple of {spatial * 2} on both sides")
-        lh, lw = height // spatial, width // spatial
-        channels = dit.config.in_channels
-        tokens_per_frame = (lh // 2) * (lw // 2)
-        dit.rope_table_dtype = dtype if settings.official_rope_tables else None
-
-        # -- RNG, in the official order -------------------------------------------------
-        cpu_gen = torch.Generator().manual_seed(settings.seed)
-        dev_gen = torch.Generator(device=dev).manual_seed(settings.seed)
-        points = memory_point_cloud(generator=cpu_gen).to(dev)
-        noise = torch.randn(1, channels, settings.noise_latents, lh, lw, generator=dev_gen, device=dev,
-                            dtype=torch.float32)
-        image_latent = self.vae.encode_image(
-            image.to(dev, next(self.vae.parameters()).dtype)[None],
-            mode=settings.image_latent,
-            generator=dev_gen,
-        ).float()  # normalised, [1, C, 1, lh, lw]
-
-        # -- per-rollout state, allocated once --------------------------------------------
-        num_latents = settings.num_chunk * CHUNK_LATENTS
-        history = LatentHistory.allocate(
-            1, channels, num_latents, lh, lw,
-            torch.tensor(traj.viewmats), torch.tensor(traj.intrinsics), torch.tensor(traj.actions),
-            device=dev, dtype=dtype,
-        )
-        kv = MemoryKV(dit.config.num_layers, 1, 2, tokens_per_frame, dit.config.num_attention_heads,
-                      dit.config.attention_head_dim, device=dev, dtype=dtype)
-        text = dit.text_context(text_states.to(dev, dtype))
-        # Switch the decoder's layout before allocating its state: the history buffers take it.
-        if settings.fast_decode != bool(self.vae.fast_decode):
-            if settings.fast_decode:
-                self.vae.enable_fast_decode()
-            else:
-                self.vae.disable_fast_decode()
-        decode_state = (self.vae.new_decode_state(1, lh, lw, device=dev, dtype=next(self.vae.parameters()).dtype)
-                        if settings.decode else None)
-        timesteps, sigmas = distilled_schedule()
-        timer = StageTimer(dev)
-        runner = DiTRunner(dit, settings.accel, settings.attention_backend, settings.fused_kernels)
-        self.last_accel_stats = runner.stats
-        rope_cache: dict[int, tuple] = {}
-        reuse = ReuseState()
-
-        def rope_tables(n_mem: int):
-            """(memory, chunk) RoPE tables for N memory frames, built once per N (static)."""
-            if n_mem not in rope_cache:
-                mem_pos, chunk_pos = memory_positions(n_mem)
-                rope_cache[n_mem] = (
-                    dit.rope_for(mem_pos, n_mem, lh, lw, dev) if n_mem else None,
-                    dit.rope_for(chunk_pos, CHUNK_LATENTS, lh, lw, dev),
-                )
-            return rope_cache[n_mem]
-
+        session = self.session(image, text_states, settings, decode_options=decode_options)
         for chunk in range(settings.num_chunk):
-            cur = chunk * CHUNK_LATENTS
-            frames_idx = slice(cur, cur + CHUNK_LATENTS)
-            selection = None
-            n_mem = 0
-            timer.read()  # restart the clock at the chunk boundary (after the host work)
-            if cur == MEMORY_SLOTS + CHUNK_LATENTS:  # the first steady chunk (warm-up of graphs) is done
-                runner.steady_state_begins()
-            if chunk > 0:
-                selection = select_memory(history.viewmats, cur, points)
-                idx = torch.tensor(selection.indices, device=dev)
-                n_mem = idx.numel()
-                timer.mark("select")
-                if settings.memory_mode == "reuse" and reuse.slot:
-                    self._update_reused_memory(reuse, selection.indices, history, text, kv, runner, lh, lw, timer)
-                else:
-                    mem_latents = history.gather_memory(idx)
-                    runner.prefill(
-                        mem_latents, torch.full((1, n_mem), CONTEXT_TIMESTEP, device=dev), text, kv, n_mem,
-                        rope_tables(n_mem)[0], actions=history.actions[idx][None],
-                        viewmats=history.viewmats[idx][None], intrinsics=history.intrinsics[idx][None],
-                    )
-                    reuse.reset(list(selection.indices), MEMORY_SLOTS)
-                timer.mark("prefill")
-            master = noise[:, :, frames_idx].clone()
-            if chunk == 0:
-                master[:, :, :1] = image_latent
-            x = master.to(dtype)
-            cams = dict(
-                actions=history.actions[frames_idx][None], viewmats=history.viewmats[frames_idx][None],
-                intrinsics=history.intrinsics[frames_idx][None],
-            )
-            for step in range(len(timesteps) - 1):
-                t = torch.full((1, CHUNK_LATENTS), float(timesteps[step]), device=dev)
-                if chunk == 0:
-                    t[:, 0] = CONTEXT_TIMESTEP  # the image latent is "almost clean"
-                velocity = runner.step(x, t, text, kv, n_mem, rope_tables(n_mem)[1], **cams)
-                stepped = euler_step(x, velocity, sigmas[step], sigmas[step + 1])
-                if chunk == 0:
-                    x[:, :, 1:] = stepped[:, :, 1:]  # the image latent is never updated
-                else:
-                    x = stepped
-                timer.mark(f"step{step}")
-            history.latents[:, :, frames_idx] = x
-            if not settings.decode:
-                frames = torch.empty(0, height, width, 3, dtype=torch.uint8)
-            else:
-                if self.dtype == torch.float32:
-                    # A float32 reference decodes latent by latent (the same frames, see the VAE
-                    # tests) to keep the decoder's transient memory to a quarter.
-                    video = torch.cat([self.vae.decode(x[:, :, i : i + 1], decode_state)
-                                       for i in range(CHUNK_LATENTS)], 2)
-                else:
-                    video = self.vae.decode(x, decode_state)  # de-normalises in the VAE dtype, as official
-                frames_dev = frames_to_uint8(video)
-                timer.mark("decode")
-                frames = frames_dev.cpu()
-            timings = timer.read()
-            timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
-            yield ChunkOutput(
-                index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
-                device_latents=x,
-            )
-        runner.finish()
-
-    def _update_reused_memory(self, reuse: ReuseState, selected: list[int], history: LatentHistory, text,
-                              kv: MemoryKV, runner: DiTRunner, lh: int, lw: int, timer=None) -> None:
-        """``reuse`` mode: frames that stay selected keep their slots and K/V; the RoPE-branch
-        keys of those whose rank changed are re-rotated in place (temporal features only); the
-        newly selected frames are computed (at t = 14, attending to the whole selection, like a
-        prefill) into the slots that frames leaving the selection vacated. Nothing is moved."""
-        dit, dev = self.dit, self.device
-        cfg = dit.config
-        tokens = kv.tokens_per_frame
-        n = len(selected)
-        rank = {f: i for i, f in enumerate(selected)}
-        kept, missing = reuse.plan(selected, MEMORY_SLOTS)
-        base = MEMORY_SLOTS - n
-        deltas = torch.zeros(n, dtype=torch.float64)  # per slot of the valid block
-        for f, slot in kept.items():
-            deltas[slot - base] = rank[f] - reuse.positions[f]
-        if deltas.any():
-            # One table row per frame, broadcast over its tokens on the device: per-token tables
-            # (float64 on the host, 3.6 MB copied per chunk) left the GPU idle for 16-110 ms
-            # while the host built them (bench-h100x2, notes/perf.md).
-            cos, sin = temporal_rotation_tables(deltas, 1, cfg.attention_head_dim)
-            if dit.rope_table_dtype is not None:
-                cos, sin = cos.to(dit.rope_table_dtype).float(), sin.to(dit.rope_table_dtype).float()
-            cos, sin = cos[:, None].to(dev), sin[:, None].to(dev)  # [n, 1, d/2]
-            batch = kv.k.shape[1] // 2  # rows [0, B): RoPE branch; [B, 2B): PRoPE branch (position-free)
-            block = kv.memory_tokens(n)
-            group = 6  # layers per pass: bounds the float32 temporaries (~1.5 GB at 704x1280)
-            for l0 in range(0, cfg.num_layers, group):
-                keys = kv.k[l0 : l0 + group, :batch, block].unflatten(2, (n, tokens))  # [.., n, S, H, d]
-                rotate_temporal(keys, cos, sin)
-        if timer is not None:
-            timer.mark("kv_move")
-        if missing:
-            frames = [f for f, _ in missing]
-            idx = torch.tensor(frames, device=dev)
-            write = torch.cat([torch.arange(s * tokens, (s + 1) * tokens) for _, s in missing]).to(dev)
-            positions = torch.tensor([rank[f] for f in frames], dtype=torch.float64)
-            runner.partial_prefill(
-                history.latents.index_select(2, idx), torch.full((1, len(frames)), CONTEXT_TIMESTEP, device=dev),
-                text, kv, n, write, dit.rope_for(positions, len(frames), lh, lw, dev),
-                actions=history.actions[idx][None], viewmats=history.viewmats[idx][None],
-                intrinsics=history.intrinsics[idx][None],
-            )
-        reuse.commit(selected, kept, missing)
+            yield session.step(chunk_poses(traj, chunk))
+        session.finish()

@@ -1,4 +1,4 @@
-"""``worldplay experiment run | list | check | config`` (hooked into ``worldplay.cli``)."""
+"""``worldplay experiment run | list | check | seal | config`` (hooked into ``worldplay.cli``)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,15 @@ def add_experiment_commands(sub) -> None:
     ls.set_defaults(func=cmd_list)
 
     c = esub.add_parser("check", help="exit non-zero unless every named (default: every) experiment's "
-                                      "latest result matches its pinned config")
+                                      "latest result verifies against its digests and matches its pinned config")
     c.add_argument("names", nargs="*", metavar="NAME")
     c.set_defaults(func=cmd_check)
+
+    se = esub.add_parser("seal", help="write the digest manifest of results committed before digests existed "
+                                      "(refused unless the result folder is exactly as committed in git)")
+    se.add_argument("names", nargs="*", metavar="NAME", help="experiments whose results to seal (every run folder)")
+    se.add_argument("--all", action="store_true", help="every result of every pinned experiment")
+    se.set_defaults(func=cmd_seal)
 
     s = esub.add_parser("config", help="print an experiment's resolved config and hash")
     s.add_argument("name", metavar="NAME")
@@ -96,7 +102,7 @@ def cmd_run(args) -> int:
 @_guarded
 def cmd_list(args) -> int:
     from .inputs import InputManifest
-    from .results import latest_result, read_result
+    from .results import ResultError, StaleResultError, check_fresh, latest_result
     from .schema import ExperimentConfigError, experiment_names, load_config
 
     experiments_dir, results_root = _dirs(args)
@@ -114,15 +120,34 @@ def cmd_list(args) -> int:
         if latest is None:
             state = "none"
         else:
-            fresh = read_result(latest).get("config_hash") == cfg.config_hash
-            state = f"{latest.name} ({'fresh' if fresh else 'STALE'})"
+            try:  # the same verdict as `check` (digests, hash, description)
+                check_fresh(name, experiments_dir=experiments_dir, results_root=results_root)
+                state = f"{latest.name} (fresh)"
+            except ResultError as exc:
+                state = f"{latest.name} ({'STALE' if isinstance(exc, StaleResultError) else 'UNVERIFIED'})"
         print(f"{name:28} {cfg.kind:9} {cfg.device_class:9} {cfg.config_hash[:12]} {state}")
+    report_leftovers(results_root)
     return 1 if bad else 0
+
+
+def report_leftovers(results_root: Path, video_dir: Path | None = None) -> int:
+    """Print to stderr the temporary folders and partial files in the results and video folders
+    (runs in progress, or killed ones that the next ``experiment run`` removes); return how many.
+    They are never results, so they do not change any command's exit status."""
+    from .. import leftovers
+    from .runner import DEFAULT_VIDEO_DIR
+
+    found = leftovers.find(results_root) + leftovers.find(video_dir or DEFAULT_VIDEO_DIR)
+    for item in found:
+        print(f"leftover: {item.describe()}", file=sys.stderr)
+    return len(found)
 
 
 @_guarded
 def cmd_check(args) -> int:
-    from .results import StaleResultError, check_fresh
+    """Exit 0 when every result is fresh and verifies; 1 when any is stale, missing, unsealed or
+    fails its digests (one line each, naming the experiment and the file)."""
+    from .results import ResultError, StaleResultError, check_fresh
     from .schema import experiment_names
 
     experiments_dir, results_root = _dirs(args)
@@ -135,7 +160,38 @@ def cmd_check(args) -> int:
         except StaleResultError as exc:
             print(f"{exc}", file=sys.stderr)
             failed += 1
+        except ResultError as exc:
+            print(f"experiment '{name}': {exc}", file=sys.stderr)
+            failed += 1
+    report_leftovers(results_root)
     return 1 if failed else 0
+
+
+@_guarded
+def cmd_seal(args) -> int:
+    """Seal every result folder of the named experiments (or ``--all``); exit 2 if any is refused."""
+    from .results import ResultError, result_dirs, seal_result
+    from .schema import experiment_names
+
+    experiments_dir, results_root = _dirs(args)
+    if bool(args.names) == bool(args.all):
+        print("worldplay experiment seal: error: name the experiments to seal, or pass --all (not both)",
+              file=sys.stderr)
+        return 2
+    names = experiment_names(experiments_dir) if args.all else args.names
+    refused = 0
+    for name in names:
+        dirs = result_dirs(results_root, name)
+        if not dirs and not args.all:
+            print(f"experiment '{name}': no result under {results_root / name}", file=sys.stderr)
+            refused += 1
+        for run_dir in dirs:
+            try:
+                print(f"{name}: {'sealed' if seal_result(run_dir, name) else 'already sealed'} {run_dir}")
+            except ResultError as exc:
+                print(f"experiment '{name}': not sealed: {exc}", file=sys.stderr)
+                refused += 1
+    return 2 if refused else 0
 
 
 @_guarded
@@ -155,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     add_experiment_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["experiment", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return args.func(args)
+    from ..interrupts import report_interrupt, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            return args.func(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the run removed its temporary folders
+        return report_interrupt("worldplay experiment", exc)
 
 
 if __name__ == "__main__":

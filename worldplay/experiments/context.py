@@ -22,16 +22,20 @@ class RunContext:
     video_dir: Path  # this run's staging folder for videos (created on demand, renamed at the end)
     official_root: Path | None = None
     skip_official: bool = False
+    official_skip_reason: str | None = None  # why, when skip_official (shown with the skipped leg)
     progress: bool = True
 
 
 @dataclass
 class KindOutput:
     """``summary`` goes into result.json, ``chunk_rows`` into chunks.csv, ``frame_rows`` into
-    frames.csv, ``videos`` into videos.json, ``provenance`` into provenance.json."""
+    frames.csv, ``videos`` into videos.json, ``provenance`` into provenance.json; ``files`` are
+    further small files of the result (relative path -> bytes, e.g. thumbnails), listed in
+    result.json and covered by the digests like every other file."""
 
     summary: dict[str, Any]
     chunk_rows: list[dict[str, Any]]
     frame_rows: list[dict[str, Any]] = field(default_factory=list)
     videos: list[dict[str, Any]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)

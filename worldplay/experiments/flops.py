@@ -26,12 +26,10 @@ from typing import Any
 import torch
 
 from ..config import DiTConfig, dit_preset, vae_preset
+from ..constants import CHUNK_LATENTS, DENOISING_STEPS, MEMORY_SLOTS
 
 log = logging.getLogger(__name__)
 
-CHUNK_LATENTS = 4
-MEMORY_SLOTS = 16
-DENOISING_STEPS = 4
 
 
 def memory_latents(chunk: int) -> int:

@@ -19,10 +19,16 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tomllib
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ..files import sha256_file as sha256_of  # the name callers (and test doubles) use
+from ..pose import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,47 @@ DATA_DIR_ENV = "WORLDPLAY_DATA_DIR"
 CACHE_DIR_ENV = "WORLDPLAY_CACHE_DIR"
 INPUT_KINDS = ("image", "captions", "pose")
 _SHA256_HEX = set("0123456789abcdef")
+_INPUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _kind_of(value: Any) -> str:
+    """A manifest value for a message: its TOML-ish type and a bounded, one-line repr."""
+    return f"{excerpt(repr(value), 60)} ({type(value).__name__})"
 
 
 class InputError(ValueError):
     """An input cannot be resolved (unknown id, bad manifest, unreachable, ...)."""
+
+
+class TomlReadError(ValueError):
+    """A TOML file cannot be read or parsed; the message says why, on one line."""
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The table of a TOML file, or :class:`TomlReadError` (``FileNotFoundError`` passes through,
+    for callers that have a message of their own for it).
+
+    Turns every way reading and parsing fails into one line without ``[Errno N]`` noise: OS
+    errors, non-UTF-8 bytes, syntax errors, integers past Python's 4300-digit limit (a ValueError
+    of tomllib) and nesting deep enough to exhaust the recursion limit (tomllib recurses).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise TomlReadError(f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TomlReadError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TomlReadError(f"not valid TOML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise TomlReadError("not usable TOML: its arrays or tables nest too deeply") from None
+    except ValueError as exc:
+        raise TomlReadError(f"not usable TOML: {exc}") from None
 
 
 class InputDigestError(InputError):
@@ -52,14 +95,6 @@ class InputEntry:
         return self.url.rsplit("/", 1)[-1]
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class InputManifest:
     """Entries by id, and :meth:`resolve` to a verified local path."""
 
@@ -71,24 +106,42 @@ class InputManifest:
     def load(cls, path: str | Path) -> InputManifest:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise InputError(f"{path}: cannot read the input manifest: {exc}") from None
+            data = read_toml(path)
+        except FileNotFoundError:
+            raise InputError(f"{path}: cannot read the input manifest: no such file") from None
+        except TomlReadError as exc:
+            raise InputError(f"{path}: input manifest: {exc}") from None
         unknown = set(data) - {"source", "inputs"}
         if unknown:
-            raise InputError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: source, inputs")
+            shown = sorted(excerpt(k, 40) for k in unknown)
+            raise InputError(f"{path}: unknown top-level keys {shown}; allowed: source, inputs")
+        if not isinstance(data.get("source", {}), dict):
+            raise InputError(f"{path}: source: must be a table ([source]), got {_kind_of(data['source'])}")
+        inputs = data.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise InputError(f"{path}: inputs: must be a table of [inputs.<id>] tables, got {_kind_of(inputs)}")
         entries: dict[str, InputEntry] = {}
-        for ident, fields in (data.get("inputs") or {}).items():
-            where = f"{path}: inputs.{ident}"
-            if not isinstance(fields, dict) or set(fields) != {"kind", "url", "sha256"}:
-                raise InputError(f"{where}: needs exactly the keys kind, url, sha256")
+        for ident, fields in inputs.items():
+            where = f"{path}: inputs.{excerpt(ident, 40)}"
+            if not _INPUT_ID.fullmatch(ident):
+                # Ids become parts of file and video names: nothing that could climb out of a folder.
+                raise InputError(f"{where}: an id is letters, digits, '.', '_' and '-', starting with a letter "
+                                 "or digit")
+            if not isinstance(fields, dict):
+                raise InputError(f"{where}: must be a table with the keys kind, url, sha256, got {_kind_of(fields)}")
+            if set(fields) != {"kind", "url", "sha256"}:
+                shown = sorted(excerpt(k, 40) for k in fields)
+                raise InputError(f"{where}: needs exactly the keys kind, url, sha256 (has {shown})")
             kind, url, digest = fields["kind"], fields["url"], fields["sha256"]
-            if kind not in INPUT_KINDS:
-                raise InputError(f"{where}.kind: {kind!r} is not one of {list(INPUT_KINDS)}")
+            if not isinstance(kind, str) or kind not in INPUT_KINDS:
+                raise InputError(f"{where}.kind: must be one of {list(INPUT_KINDS)}, got {_kind_of(kind)}")
             if not isinstance(url, str) or not url.startswith("https://"):
-                raise InputError(f"{where}.url: must be an https:// URL, got {url!r}")
+                raise InputError(f"{where}.url: must be an https:// URL, got {_kind_of(url)}")
+            if not _FILE_NAME.fullmatch(url.rsplit("/", 1)[-1]):
+                raise InputError(f"{where}.url: must end in a file name (letters, digits, '.', '_', '-'), "
+                                 f"got {_kind_of(url)}")
             if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
-                raise InputError(f"{where}.sha256: must be 64 lower-case hex digits")
+                raise InputError(f"{where}.sha256: must be 64 lower-case hex digits, got {_kind_of(digest)}")
             entries[ident] = InputEntry(ident, kind, url, digest)
         names = [e.file_name for e in entries.values()]
         if len(set(names)) != len(names):
@@ -148,8 +201,21 @@ class InputManifest:
         return captions[name]
 
 
+def _reason(exc: OSError) -> str:
+    """What went wrong, without the ``[Errno N]`` / ``<urlopen error ...>`` wrapping."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        return (reason.strerror or str(reason)) if isinstance(reason, OSError) else str(reason)
+    return exc.strerror or str(exc)
+
+
 def _verify(path: Path, entry: InputEntry, where: str) -> None:
-    got = sha256_of(path)
+    try:
+        got = sha256_of(path)
+    except OSError as exc:
+        raise InputError(f"input {entry.id!r}: cannot read {path} (from {where}): {_reason(exc)}") from None
     if got != entry.sha256:
         raise InputDigestError(
             f"input {entry.id!r}: {path} (from {where}) has sha256 {got}, the manifest says {entry.sha256}; "
@@ -178,7 +244,7 @@ def _download(entry: InputEntry, target: Path) -> None:
         os.replace(tmp, target)
     except OSError as exc:  # urllib.error.URLError is an OSError
         raise InputError(
-            f"input {entry.id!r}: cannot download {entry.url} ({exc}); without network, set "
+            f"input {entry.id!r}: cannot download {entry.url} ({_reason(exc)}); without network, set "
             f"{DATA_DIR_ENV} to a folder holding {entry.file_name}"
         ) from None
     finally:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import re
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,35 +32,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..constants import DEFAULT_PROMPT
+from ..media import synthetic_image
 from ..models import LoadedModels
 from ..pose import Trajectory, load_trajectory
 from .inputs import InputManifest, sha256_of
-from .schema import INPUT_PREFIX, SYNTHETIC_IMAGE, ExperimentConfig, WeightsSpec
+from .leg_table import LEG_TABLE
+from .schema import INPUT_PREFIX, SYNTHETIC_IMAGE, ExperimentConfig, WeightsSpec, ranks_of
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "First-person view walking around ancient Athens, with Greek architecture and marble structures"
 _HUB_SPEC = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+@[0-9a-f]{40}$")
-
-
-def fastest_settings(device_type: str) -> dict[str, Any]:
-    """The fastest known native ``RolloutSettings`` overrides: the one place the
-    ``native-fastest`` leg is defined (the performance work updates it here).
-
-    On CUDA: FlashAttention-4 (the optional ``flash-attn-4`` package, 8-12 % faster than cuDNN on
-    the H100 for these shapes) where it imports, else cuDNN attention; compiled blocks, the
-    steady-state prefill and steps as CUDA-graph replays, the fused q/k/v and GELU kernels
-    (``worldplay.nn.fused``), and the channels-last compiled VAE decoder (notes/perf.md has the
-    measurements). The result records the backend used.
-    On the CPU cuDNN attention and CUDA graphs do not exist; the dispatcher's choice (``sdpa``)
-    stands in, eagerly, and the result says so.
-    """
-    if device_type == "cuda":
-        from ..nn.attention import fa4_usable
-
-        backend = "fa4" if fa4_usable() else "cudnn"
-        return {"attention_backend": backend, "accel": "compile+graphs", "fast_decode": True, "fused_kernels": True}
-    return {"attention_backend": "sdpa"}
 
 
 @dataclass
@@ -81,6 +63,8 @@ class NativeLeg:
     name: str
     dtype: torch.dtype
     overrides: dict[str, Any]
+    # GiB the CUDA allocator may use during the leg (a low-VRAM mode proving its card size)
+    memory_cap_gib: float | None = None
 
     def settings(self, cfg: ExperimentConfig):
         from ..rollout import RolloutSettings
@@ -95,31 +79,16 @@ class NativeLeg:
 
     def describe(self, cfg: ExperimentConfig) -> dict[str, Any]:
         settings = self.settings(cfg)
-        return {"dtype": str(self.dtype).removeprefix("torch."), **dataclasses.asdict(settings)}
+        return {"dtype": str(self.dtype).removeprefix("torch."), **dataclasses.asdict(settings),
+                "memory_cap_gib": self.memory_cap_gib}
 
 
 def native_leg(name: str, device_type: str) -> NativeLeg:
-    if name == "native-eager":
-        return NativeLeg(name, torch.bfloat16, {})
-    if name == "native-fastest":
-        return NativeLeg(name, torch.bfloat16, fastest_settings(device_type))
-    if name == "native-float32":
-        return NativeLeg(name, torch.float32, {"official_rope_tables": False})
-    if name == "native-reuse":
-        return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), "memory_mode": "reuse"})
-    if name == "native-compiled":
-        return NativeLeg(name, torch.bfloat16, {"accel": "compile"})
-    # Fast modes on top of the fastest settings, one or two GPUs (worldplay.pipelined).
-    fast_modes = {
-        "native-fp8": {"linear_dtype": "fp8"},
-        "native-reuse-fp8": {"memory_mode": "reuse", "linear_dtype": "fp8"},
-        "native-2gpu": {},
-        "native-2gpu-reuse": {"memory_mode": "reuse"},
-        "native-2gpu-reuse-fp8": {"memory_mode": "reuse", "linear_dtype": "fp8"},
-    }
-    if name in fast_modes:
-        return NativeLeg(name, torch.bfloat16, {**fastest_settings(device_type), **fast_modes[name]})
-    raise ValueError(f"{name!r} is not a native leg")
+    """The native leg ``name`` of the leg table, its settings resolved for ``device_type``."""
+    row = LEG_TABLE.get(name)
+    if row is None or not row.native:
+        raise ValueError(f"{name!r} is not a native leg")
+    return NativeLeg(name, getattr(torch, row.dtype), row.overrides(device_type), memory_cap_gib=row.memory_cap_gib)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,24 +149,6 @@ def text_states(cfg: ExperimentConfig, prompt: str, device: torch.device) -> tup
     return states, {"source": "umT5 (worldplay.nn.text, cached)", "prompt": prompt, "tokens": seq_len}
 
 
-def synthetic_image(path: Path, height: int, width: int, seed: int) -> Path:
-    """A deterministic smooth colour image (seeded random Fourier pattern) saved as PNG."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
-    img = np.zeros((height, width, 3))
-    for c in range(3):
-        for _ in range(4):
-            fy, fx = rng.uniform(0.5, 4.0, size=2)
-            phase = rng.uniform(0, 2 * np.pi)
-            img[..., c] += np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)
-    img = (img - img.min()) / (img.max() - img.min() + 1e-12)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((img * 255).round().astype(np.uint8)).save(path, format="PNG")
-    return path
-
-
 def prepare_image(image: str, cfg: ExperimentConfig, manifest: InputManifest, scratch: Path) -> tuple[Path, dict]:
     """The image file of an experiment and its identity (input id + sha256, or synthetic seed)."""
     if image == SYNTHETIC_IMAGE:
@@ -246,26 +197,35 @@ def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, 
 
     ``accel_out`` receives the rollout's CUDA-graph and compile counters (captures, replays,
     recompiles in the steady state) once the rollout is complete."""
+    from ..allocator import reset_peaks
     from ..media import load_image
+    from ..offload import place_models
     from ..rollout import WorldPlayPipeline
 
+    settings = leg.settings(cfg)
     cast_models(models, leg.dtype)
+    place_models(models, settings, device)  # dit_on_host legs: the DiT's weights go to host memory
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peaks(device)  # the leg's peak counts from here, with its models where it runs them
     height, width = cfg.resolution
     image = load_image(image_path, width, height)
     pipe = WorldPlayPipeline(models.dit, models.vae, device=device, dtype=leg.dtype)
-    stream = pipe.rollout(image, text, trajectory, leg.settings(cfg))
-    for out in tqdm(stream, total=cfg.num_chunk, desc=desc or leg.name, unit="chunk", disable=not progress,
-                    leave=False):
-        t = _leg_timings(out.timings_ms)
-        t["total"] = t["dit"] + t["decode"]
-        yield LegChunk(
-            index=out.index,
-            frames=out.frames.numpy(),
-            latents=out.latents,
-            timings_ms=t,
-            memory_indices=list(out.memory.indices) if out.memory else None,
-            retrieved_clip=out.memory.chosen_start if out.memory else None,
-        )
+    with memory_cap(device, leg.memory_cap_gib):
+        stream = pipe.rollout(image, text, trajectory, settings)
+        for out in tqdm(stream, total=cfg.num_chunk, desc=desc or leg.name, unit="chunk", disable=not progress,
+                        leave=False):
+            t = _leg_timings(out.timings_ms)
+            t["total"] = t["dit"] + t["decode"]
+            yield LegChunk(
+                index=out.index,
+                frames=out.frames.numpy(),
+                latents=out.latents,
+                timings_ms=t,
+                memory_indices=list(out.memory.indices) if out.memory else None,
+                retrieved_clip=out.memory.chosen_start if out.memory else None,
+            )
     if accel_out is not None:
         accel_out.update(pipe.last_accel_stats.to_dict())
 
@@ -275,28 +235,64 @@ def _build_for_pipeline(weights: WeightsSpec, preset: str, device: torch.device)
 
 
 def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: ExperimentConfig, image_path: Path,
-                             text: torch.Tensor, trajectory: Trajectory, *, accel_out: dict | None = None
-                             ) -> Iterator[LegChunk]:
+                             text: torch.Tensor, trajectory: Trajectory, *, accel_out: dict | None = None,
+                             memory_out: dict | None = None) -> Iterator[LegChunk]:
     """A native leg over two GPUs (worldplay.pipelined): each process loads ``weights`` itself.
     Stage names as :func:`native_rollout`, plus ``interval``, ``sent_interval``, ``recv_wait``
     and ``pipelined`` (see worldplay.pipelined); ``total`` is ``pipelined``, the sustained time
-    per chunk (max of the output and input intervals)."""
+    per chunk (max of the output and input intervals). ``memory_out`` receives each rank's peak
+    memory (``{"rank0 (DiT)": {...}, "rank1 (decode)": {...}}``)."""
     import functools
 
     from ..media import load_image
-    from ..pipelined import pipelined_rollout
+    from ..pipelined import TwoDevicePipeline
 
     height, width = cfg.resolution
     image = load_image(image_path, width, height)
-    build = functools.partial(_build_for_pipeline, weights, cfg.preset)
-    chunks, accel = pipelined_rollout(build, image, text, trajectory, leg.settings(cfg), keep_frames=False)
-    for out in chunks:
+    pipe = TwoDevicePipeline(functools.partial(_build_for_pipeline, weights, cfg.preset))
+    for out in pipe.rollout(image, text, trajectory, leg.settings(cfg), keep_frames=False):
         t = _leg_timings(out.timings_ms)
         t["total"] = t.get("pipelined", t["dit"] + t["decode"])
-        yield LegChunk(index=out.index, frames=np.zeros((0, height, width, 3), np.uint8), latents=out.latents,
-                       timings_ms=t, memory_indices=out.memory_indices)
+        yield LegChunk(index=out.index, frames=out.frames.numpy(), latents=out.latents, timings_ms=t,
+                       memory_indices=list(out.memory.indices) if out.memory else None,
+                       retrieved_clip=out.memory.chosen_start if out.memory else None)
     if accel_out is not None:
-        accel_out.update(accel)
+        accel_out.update(pipe.last_accel_stats.to_dict())
+    if memory_out is not None:
+        memory_out.update(pipe.last_peaks)
+
+
+def ranked_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: ExperimentConfig, image_path: Path,
+                          text: torch.Tensor, trajectory: Trajectory, *, keep_frames: bool = False,
+                          accel_out: dict | None = None, memory_out: dict | None = None,
+                          traffic_out: dict | None = None) -> Iterator[LegChunk]:
+    """A native leg over ``ranks_of(leg.name)`` ranks (worldplay.ranks.spawn): one process per
+    rank (a GPU each, or the CPU for a tiny twin), each loading ``weights`` itself. Stage names as
+    :func:`native_rollout`, timed on rank 0. ``memory_out``/``traffic_out`` receive each rank's
+    peak memory and bytes sent."""
+    import functools
+
+    from ..media import load_image
+    from ..ranks.spawn import MultiRankPipeline
+
+    ranks = ranks_of(leg.name)
+    height, width = cfg.resolution
+    image = load_image(image_path, width, height)
+    devices = ("cpu",) * ranks if cfg.device == "cpu" else None
+    pipe = MultiRankPipeline(functools.partial(_build_for_pipeline, weights, cfg.preset), ranks=ranks,
+                             devices=devices, dtype=leg.dtype)
+    for out in pipe.rollout(image, text, trajectory, leg.settings(cfg), keep_frames=keep_frames):
+        t = _leg_timings(out.timings_ms)
+        t["total"] = t["dit"] + t["decode"]
+        yield LegChunk(index=out.index, frames=out.frames.numpy(), latents=out.latents, timings_ms=t,
+                       memory_indices=list(out.memory.indices) if out.memory else None,
+                       retrieved_clip=out.memory.chosen_start if out.memory else None)
+    if accel_out is not None:
+        accel_out.update(pipe.last_accel_stats.to_dict())
+    if memory_out is not None:
+        memory_out.update(pipe.last_peaks)
+    if traffic_out is not None:
+        traffic_out.update(pipe.last_traffic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,17 +303,46 @@ def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: Experime
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
     """Fill a dict with the peak memory of the enclosed work (CUDA: allocator peaks since the
-    start of the block; CPU: the process's peak RSS so far, which only ever grows)."""
+    start of the block, or since a native leg placed its models; CPU: the process's peak RSS so
+    far, which only ever grows)."""
+    from ..allocator import read_peaks, reset_peaks
+
     out: dict[str, Any] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    yield out
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
-        out["scope"] = "torch CUDA allocator, this leg's rollouts (weights included)"
-    else:
-        out["host_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        out["scope"] = "host peak RSS of the whole process so far (CPU run)"
+    reset_peaks(device)
+    try:
+        yield out
+    finally:  # an out-of-memory leg records the peak it reached too
+        out.update(read_peaks(device))
+    out["scope"] = ("torch CUDA allocator, this leg's rollouts (weights included)" if device.type == "cuda"
+                    else "host peak RSS of the whole process so far (CPU run)")
+
+
+def predicted_memory(leg: NativeLeg, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The leg's memory plan (worldplay.memory_plan) at the config's size, and its cap, to
+    record next to the measured peaks (per GPU for a leg over several ranks)."""
+    from ..memory_plan import plan_memory
+
+    height, width = cfg.resolution
+    plan = plan_memory(cfg.preset, height, width, leg.settings(cfg), dtype=leg.dtype,
+                       device_type="cuda" if cfg.device == "cuda" else "cpu", ranks=ranks_of(leg.name))
+    return {"cap_gib": leg.memory_cap_gib, "predicted_peak_allocated_gib": round(plan.peak_bytes / 2**30, 3),
+            "predicted_reserved_upper_gib": round(plan.reserved_upper_bytes / 2**30, 3),
+            "predicted_stage_gib": plan.to_dict()["stage_gib"]}
+
+
+@contextlib.contextmanager
+def memory_cap(device: torch.device, cap_gib: float | None) -> Iterator[None]:
+    """Cap this process's CUDA allocator at ``cap_gib`` inside the block
+    (``torch.cuda.set_per_process_memory_fraction``: a low-VRAM leg proves the card size it is
+    for on a larger card); nothing elsewhere or without a cap."""
+    if cap_gib is None or device.type != "cuda":
+        yield
+        return
+    # set_per_process_memory_fraction wants an index: a plain "cuda" names the current device.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)

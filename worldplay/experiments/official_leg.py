@@ -157,3 +157,84 @@ def _retrieved_clip(memory: list[int] | None, chunk: int) -> int | None:
         return None
     old = [i for i in memory if i < 4 * chunk - 12]
     return min(old) if old else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The official code at world size N (its sequence parallel and parallel VAE decode)
+# ---------------------------------------------------------------------------------------------
+
+
+def ranked_rollout(root: Path, weights: Path, cfg: ExperimentConfig, image_path: Path, text: torch.Tensor,
+                   trajectory: Trajectory, *, ranks: int, compile: bool, peaks_out: dict | None = None,
+                   devices: tuple[str, ...] | None = None, runner_factory=None) -> Iterator[LegChunk]:
+    """The official pipeline over ``ranks`` processes, as ``torchrun --nproc_per_node N`` would
+    start it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` set for
+    each; the official code initialises the process group itself and switches to its sequence-
+    parallel DiT and parallel VAE on ``WORLD_SIZE``). Every rank ends a chunk with the whole
+    latents and frames; rank 0's chunks are yielded, timed on rank 0. ``peaks_out`` receives each
+    rank's peak memory over the rollout (the official leg resets the CUDA peaks per chunk: the
+    maximum over its chunks). ``runner_factory(root, weights, device, compile)`` stands in for
+    :class:`OfficialRunner` in tests."""
+    import queue as queue_module
+
+    import torch.multiprocessing as mp
+
+    from ..ranks.spawn import RanksFailed, _ended, _free_port, default_devices
+
+    devices = default_devices(ranks) if devices is None else tuple(devices)
+    records = mp.get_context("spawn").Queue()
+    args = (ranks, _free_port(), root, weights, cfg, image_path, text.cpu(), trajectory, compile, devices,
+            runner_factory, records)
+    workers = mp.start_processes(_ranked_worker, args=args, nprocs=ranks, join=False, start_method="spawn")
+    ends: dict[int, dict] = {}
+    try:
+        received = 0
+        while received < cfg.num_chunk or len(ends) < ranks:
+            try:
+                kind, rank, payload = records.get(timeout=0.2)
+            except queue_module.Empty:
+                ended = _ended(workers)
+                if ended is None:
+                    continue
+                raise RanksFailed("the official ranks exited before sending every chunk" if ended == "clean"
+                                  else f"official leg at world size {ranks}: {ended}") from None
+            if kind == "error":
+                raise RanksFailed(f"official leg at world size {ranks}, rank {rank}: {payload}")
+            if kind == "end":
+                ends[rank] = payload
+            else:
+                received += 1
+                yield payload
+        while (ended := _ended(workers)) is None:
+            pass
+    finally:
+        for process in workers.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    if peaks_out is not None:
+        peaks_out.update({f"rank{r} ({devices[r]})": ends[r] for r in sorted(ends)})
+
+
+def _ranked_worker(rank, size, port, root, weights, cfg, image_path, text, trajectory, compile, devices,
+                   runner_factory, records) -> None:
+    from ..allocator import read_peaks
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    device = torch.device(devices[rank])
+    try:
+        runner = (runner_factory or OfficialRunner)(root, weights, device, compile)
+        peak: dict[str, float] = {}
+        for chunk in runner.rollout(cfg, image_path, text, trajectory, progress=False):
+            for key, value in read_peaks(device).items():  # this chunk's peak (the leg resets them per chunk)
+                peak[key] = max(peak.get(key, value), value)
+            if rank == 0:
+                records.put(("chunk", 0, LegChunk(chunk.index, frames=chunk.frames[:0], latents=chunk.latents,
+                                                   timings_ms=chunk.timings_ms, memory_indices=chunk.memory_indices,
+                                                   retrieved_clip=chunk.retrieved_clip, extra=chunk.extra)))
+        records.put(("end", rank, peak))
+        runner.close()
+    except BaseException as exc:
+        records.put(("error", rank, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+        raise

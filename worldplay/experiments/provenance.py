@@ -20,9 +20,37 @@ from typing import Any
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # Paths whose changes do not make the tree "dirty" for a run: published results of other runs.
 DIRTY_EXCLUDES = ("experiments/results",)
-ENV_PREFIXES = ("WORLDPLAY_", "TORCHINDUCTOR_", "TORCH_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_")
-ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NVIDIA_TF32_OVERRIDE")
-_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+# Environment variables recorded with their values: exact names of settings that can change a
+# run's numbers or speed. An allow-list, because results are committed and published: a variable
+# like WORLDPLAY_AUTH, TORCH_HUB_AUTH or NCCL_CREDENTIALS may hold a credential, and no list of
+# suspicious words knows every spelling. Add a name here only if its value is never a secret.
+RECORDED_ENV = frozenset({
+    # device selection, allocator, launch behaviour
+    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_LAUNCH_BLOCKING", "CUDA_DEVICE_MAX_CONNECTIONS",
+    "CUDA_MODULE_LOADING", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_NO_CUDA_MEMORY_CACHING",
+    # the CUDA toolkit of the image
+    "CUDA_HOME", "CUDA_VERSION", "TORCH_CUDA_ARCH_LIST",
+    # math modes and library workspaces
+    "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE",
+    "TORCH_BLAS_PREFER_CUBLASLT", "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT", "TORCH_CUDNN_V8_API_DISABLED",
+    # CPU threads
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+    # torch.compile / inductor (a warm cache changes the compile time a bench reports)
+    "TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE", "TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_FORCE_DISABLE_CACHES", "TORCHINDUCTOR_MAX_AUTOTUNE",
+    "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM", "TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE",
+    "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "TORCHINDUCTOR_FREEZING", "TORCHINDUCTOR_COMPILE_THREADS",
+    # multi-GPU collectives
+    "NCCL_VERSION", "NCCL_NVLS_ENABLE", "NCCL_CUMEM_ENABLE", "NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL", "NCCL_SHM_DISABLE",
+    "NCCL_IB_DISABLE", "NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "NCCL_BUFFSIZE",
+    "NCCL_NTHREADS", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    # worldplay: where the inputs were read from (each is verified by its sha256 anyway)
+    "WORLDPLAY_DATA_DIR",
+})
+# Other variables under these prefixes are recorded by name only, never by value, so that a
+# reader sees that something else was set.
+NAMED_ENV_PREFIXES = ("WORLDPLAY_", "TORCH", "PYTORCH_", "CUDA_", "CUBLAS", "CUDNN_", "NCCL_", "NVIDIA_", "TRITON_",
+                      "HF_", "OMP_", "MKL_")
 
 
 def utc_now() -> dt.datetime:
@@ -70,12 +98,13 @@ def nvidia_smi() -> list[dict[str, str]] | None:
 
 
 def selected_env() -> dict[str, str]:
-    """Behaviour-changing environment variables (secrets redacted)."""
-    out = {}
-    for name, value in sorted(os.environ.items()):
-        if name in ENV_NAMES or name.startswith(ENV_PREFIXES):
-            out[name] = "<redacted>" if any(w in name for w in _SECRET_WORDS) else value
-    return out
+    """The set variables of :data:`RECORDED_ENV` with their values."""
+    return {name: value for name, value in sorted(os.environ.items()) if name in RECORDED_ENV}
+
+
+def other_env_names() -> list[str]:
+    """Names (only) of the other set variables under :data:`NAMED_ENV_PREFIXES`."""
+    return sorted(name for name in os.environ if name not in RECORDED_ENV and name.startswith(NAMED_ENV_PREFIXES))
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -92,6 +121,7 @@ def environment(device: str) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "env": selected_env(),
+        "env_names_only": other_env_names(),
     }
     from ..nn.attention import fa4_version
 

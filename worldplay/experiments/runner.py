@@ -12,7 +12,13 @@ becomes ``<results-root>/<name>/<run-id>/`` only once every file is written:
 * ``frames.csv`` (drift, parity): per-frame differences; ``videos.json`` (rollouts);
 * ``provenance.json``: resolved config and hash, git commit and dirty flag, environment,
   weights identity, inputs, command line, start/end time, host;
-* ``config.toml``: a verbatim copy of the pinned config as it was read at the start.
+* ``config.toml``: a verbatim copy of the pinned config as it was read at the start;
+* ``digests.json``, written last: the sha256 of every other file and the config hash, so that
+  ``experiment check`` and the site detect any later edit (:func:`~.results.verify_result`).
+
+The temporary folders (``.tmp-*`` result and video staging, the ``worldplay-*`` scratch folder)
+carry their owner's tag (:mod:`worldplay.leftovers`). Ctrl-C and SIGTERM remove them on the way
+out; what a SIGKILL left is removed by the next run's start, and reported by ``experiment check``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import leftovers
+from ..interrupts import sigterm_raises
 from ..media import atomic_write_json, atomic_write_text
 from .context import KindOutput, RunContext
 from .inputs import InputManifest
@@ -43,6 +51,7 @@ from .results import (
     default_experiments_dir,
     default_results_root,
     new_run_id,
+    write_digests,
 )
 from .schema import OFFICIAL_LEG, ExperimentConfig, load_config
 
@@ -105,25 +114,38 @@ def _device(config: ExperimentConfig):
     return torch.device(config.device)
 
 
-def _check_official(config: ExperimentConfig, options: RunOptions) -> Path | None:
+# Why a bench's official leg did not run, as its result and the site report it.
+SKIPPED_BY_FLAG = "--skip-official: no official checkout on this run"
+SKIPPED_NO_CHECKOUT = ("no official checkout on this machine (no --official PATH, no $WORLDPLAY_OFFICIAL); the "
+                       "published side-by-side keeps its own run. Prepare one with `bash scripts/prepare_official.sh "
+                       ".official` (it prints the bench command with --official)")
+
+
+def _check_official(config: ExperimentConfig, options: RunOptions) -> tuple[Path | None, str | None]:
+    """(the official checkout, None) or (None, why the official leg is skipped). A bench without a
+    checkout runs its native legs and reports the official one as skipped: the README's main
+    command must work on any GPU machine. A parity run cannot do without it."""
     from .official_leg import check_can_run, official_root
 
     root = official_root(options.official)
     if not config.needs_official:
-        return root
+        return root, None
     if options.skip_official:
         if config.kind != "bench":
             raise RunRefused(f"experiment '{config.name}' ({config.kind}) compares against the official leg; "
                              "--skip-official applies only to benches")
-        return None
+        return None, SKIPPED_BY_FLAG
+    if root is None and config.kind == "bench":
+        log.warning("experiment '%s': the official leg is skipped: %s", config.name, SKIPPED_NO_CHECKOUT)
+        return None, SKIPPED_NO_CHECKOUT
     check_can_run(config.name, root)
-    return root
+    return root, None
 
 
 @contextlib.contextmanager
 def _video_staging(video_root: Path, name: str, run_id: str) -> Iterator[tuple[Path, Path]]:
     """(staging folder, final folder); the staging folder is deleted if the run fails."""
-    staging = video_root / f"{TMP_PREFIX}{name}-{run_id}"
+    staging = video_root / f"{TMP_PREFIX}{name}-{run_id}{leftovers.owner_tag()}"
     try:
         yield staging, video_root / name / run_id
     except BaseException:
@@ -131,14 +153,29 @@ def _video_staging(video_root: Path, name: str, run_id: str) -> Iterator[tuple[P
         raise
 
 
+def remove_leftovers(results_root: Path, video_dir: Path, scratch_parent: Path | None) -> list[Path]:
+    """Remove what runs killed before they could clean up left behind: ``.tmp-*`` result and
+    video folders, partial files and scratch folders whose owning process is gone (a running
+    run's are kept; see :mod:`worldplay.leftovers`)."""
+    removed = leftovers.remove_stale([results_root, video_dir])
+    scratch = scratch_parent if scratch_parent is not None else Path(tempfile.gettempdir())
+    return removed + leftovers.remove_stale([scratch], prefix=leftovers.SCRATCH_PREFIX)
+
+
 def run_experiment(name: str, options: RunOptions = RunOptions()) -> Path:
-    """Run experiment ``name`` and return its result directory."""
+    """Run experiment ``name`` and return its result directory. SIGTERM is handled like Ctrl-C
+    (the temporary folders are removed, then :class:`~worldplay.interrupts.Terminated` propagates)."""
+    with sigterm_raises():
+        return _run_experiment(name, options)
+
+
+def _run_experiment(name: str, options: RunOptions) -> Path:
     experiments_dir = options.experiments_dir or default_experiments_dir()
     results_root = options.results_root or default_results_root(experiments_dir)
     config, manifest, config_bytes = load_experiment(name, experiments_dir)
     git = source_state(options)
     device = _device(config)
-    official_root = _check_official(config, options)
+    official_root, official_skipped = _check_official(config, options)
     started = utc_now()
     run_id = new_run_id(config.config_hash, started)
     log.info("experiment %s (%s, %s): run %s", name, config.kind, config.device_class, run_id)
@@ -146,14 +183,17 @@ def run_experiment(name: str, options: RunOptions = RunOptions()) -> Path:
     from .kinds import kind_runner
 
     scratch_parent = options.scratch_dir
+    remove_leftovers(results_root, options.video_dir, scratch_parent)
     if scratch_parent is not None:
         scratch_parent.mkdir(parents=True, exist_ok=True)
+    scratch_prefix = f"{leftovers.SCRATCH_PREFIX}{name}{leftovers.owner_tag()}-"
     with (atomic_result_dir(results_root, name, run_id) as out,
-          tempfile.TemporaryDirectory(prefix=f"worldplay-{name}-", dir=scratch_parent) as scratch,
+          tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=scratch_parent) as scratch,
           _video_staging(options.video_dir, name, run_id) as (video_staging, video_final)):
         ctx = RunContext(config=config, run_id=run_id, device=device, manifest=manifest, scratch=Path(scratch),
                          video_dir=video_staging, official_root=official_root,
-                         skip_official=options.skip_official, progress=options.progress)
+                         skip_official=official_skipped is not None,
+                         official_skip_reason=official_skipped, progress=options.progress)
         output: KindOutput = kind_runner(config.kind)(ctx)
         finished = utc_now()
         _write_result(out, config, run_id, output, started, finished, git, options, official_root, config_bytes)
@@ -177,6 +217,13 @@ def _write_result(out: Path, config: ExperimentConfig, run_id: str, output: Kind
     if output.videos:
         atomic_write_json(out / "videos.json", output.videos)
         files.append("videos.json")
+    for rel, data in sorted(output.files.items()):
+        target = out / rel
+        if rel in files or not target.resolve().is_relative_to(out.resolve()):  # a kind's bug, not user input
+            raise ValueError(f"result file {rel!r} clashes with another or lands outside the result folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        files.append(rel)
     weights = output.provenance.pop("weights", None) or {"describe": config.weights.describe()}
     provenance = {
         "experiment": config.name,
@@ -218,6 +265,7 @@ def _write_result(out: Path, config: ExperimentConfig, run_id: str, output: Kind
         "summary": output.summary,
     }
     atomic_write_json(out / RESULT_FILE, result)
+    write_digests(out, config.config_hash)  # last: it covers every file above
 
 
 def command_line() -> list[str]:
@@ -241,4 +289,4 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-__all__ = ["OFFICIAL_LEG", "RunOptions", "RunRefused", "run_experiment", "rows_to_csv"]
+__all__ = ["OFFICIAL_LEG", "RunOptions", "RunRefused", "remove_leftovers", "run_experiment", "rows_to_csv"]

@@ -34,46 +34,59 @@ import dataclasses
 import hashlib
 import json
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-KINDS = ("bench", "rollouts", "drift", "parity")
-PRESET_RESOLUTION = {"wan5b": (704, 1280), "tiny": (64, 96)}
-DEVICES = ("cuda", "cpu")
-# Names of worldplay.nn.attention.BACKENDS (kept here so that this module needs no torch; a test
-# checks that both lists agree).
-ATTENTION_BACKENDS = ("sdpa", "fa4", "cudnn", "flash", "efficient", "math")
-OFFICIAL_NOISE_LATENTS = 241  # worldplay.rollout.OFFICIAL_NOISE_LATENTS
-CHUNK_LATENTS = 4
-SPATIAL_MULTIPLE = 32  # VAE stride 16 x DiT patch 2
+from ..constants import ATTENTION_BACKENDS, CHUNK_LATENTS, OFFICIAL_NOISE_LATENTS, PRESET_RESOLUTION
+from ..pose import (
+    MAX_CHUNKS,
+    MAX_LATENTS,
+    PoseError,
+    excerpt,
+    parse_pose_string,
+    plural,
+    pose_slug,
+)
+from .inputs import TomlReadError, read_toml
+from .leg_table import NATIVE, OFFICIAL, OFFICIAL_RANKS, PIPELINED, RANKS, ROWS, leg_row, names
 
-NATIVE_LEGS = ("native-eager", "native-fastest", "native-float32", "native-compiled", "native-reuse", "native-fp8",
-               "native-reuse-fp8")
+SCHEMA_VERSION = 1
+KINDS = ("bench", "rollouts", "drift", "parity", "interactive", "per-input")
+DEVICES = ("cuda", "cpu")
+SPATIAL_MULTIPLE = 32  # VAE stride 16 x DiT patch 2
+# Largest image side (height or width) accepted, 3.2x the real model's 1280. Not a model limit
+# but a guard against typos such as 70400, which would allocate gigabytes before failing.
+MAX_SIDE = 4096
+# Seeds go to torch.Generator.manual_seed; TOML integers are 64-bit signed, so this is the
+# largest seed a TOML file can portably hold (tomllib itself accepts any size).
+MAX_SEED = 2**63 - 1
+# A bench's mean and spread need a handful of rollouts; more than this is a typo that would
+# run for days.
+MAX_REPETITIONS = 100
+
+# The legs, from the one table of them (worldplay.experiments.leg_table).
+NATIVE_LEGS = names(NATIVE)
 # Bench only: DiT on GPU 0 and VAE decode on GPU 1, pipelined across chunks (worldplay.pipelined).
-PIPELINED_LEGS = ("native-2gpu", "native-2gpu-reuse", "native-2gpu-reuse-fp8")
+PIPELINED_LEGS = names(PIPELINED)
 OFFICIAL_LEG = "official"
-LEGS = (*NATIVE_LEGS, *PIPELINED_LEGS, OFFICIAL_LEG)
-LEG_HELP = {
-    "native-eager": "this package, bf16, eager, the config's attention_backend",
-    "native-fastest": "this package with the fastest known settings (worldplay.experiments.legs.fastest_settings)",
-    "native-float32": "this package, the same weights cast to float32, float32 RoPE tables",
-    "native-compiled": "this package, bf16, torch.compile'd DiT blocks (RolloutSettings.accel='compile')",
-    "native-reuse": "the fastest settings with memory_mode='reuse' (a fast approximation: memory K/V kept "
-    "across chunks instead of re-prefilled)",
-    "native-2gpu": "the fastest settings over two GPUs: DiT on GPU 0, VAE decode of the previous chunk on GPU 1 "
-    "(bench only; its total is the pipelined time per chunk)",
-    "native-2gpu-reuse": "native-2gpu with memory_mode='reuse'",
-    "native-2gpu-reuse-fp8": "native-2gpu with memory_mode='reuse' and linear_dtype='fp8'",
-    "native-fp8": "the fastest settings with linear_dtype='fp8' (a fast approximation: the DiT blocks' linear "
-    "layers in e4m3 with per-row scales)",
-    "native-reuse-fp8": "the fastest settings with memory_mode='reuse' and linear_dtype='fp8'",
-    "official": "the official HY-WorldPlay code (needs --official PATH or WORLDPLAY_OFFICIAL)",
-}
+# N ranks, one GPU each (worldplay.ranks): the fastest settings with the DiT in sequence parallel
+# and the VAE decode split by columns; the official code at world size N (its sequence parallel
+# and parallel VAE).
+RANKED_LEGS = names(RANKS)
+OFFICIAL_RANKED_LEGS = names(OFFICIAL_RANKS)
+LEGS = (*NATIVE_LEGS, *PIPELINED_LEGS, *RANKED_LEGS, *names(OFFICIAL), *OFFICIAL_RANKED_LEGS)
+LEG_HELP = {row.name: row.help for row in ROWS}
+
+
+def ranks_of(leg: str) -> int:
+    """Ranks (processes, GPUs) a leg runs on."""
+    return leg_row(leg).ranks
+
+
 PARITY_FLOORS = ("repeat", "compile-toggle", "none")
+
 SYNTHETIC_IMAGE = "synthetic"
 INPUT_PREFIX = "input:"
 TINY_CPU_SUFFIX = "-tiny-cpu"
@@ -88,7 +101,8 @@ class ExperimentConfigError(ValueError):
     def __init__(self, source: str, key: str, message: str):
         self.source = source
         self.key = key
-        where = f"key '{key}'" if key else "config"
+        # A key is input too (TOML keys may hold any text): shown on one bounded line.
+        where = f"key '{excerpt(key, 60)}'" if key else "config"
         super().__init__(f"{source}: {where}: {message}")
 
 
@@ -130,6 +144,9 @@ class ExperimentConfig:
     name: str
     kind: str
     description: str = ""
+    # Names this experiment's results were filed under before a rename (e.g. a card's name):
+    # not hashed; their runs stay where they are and are shown as its history (site, `check`).
+    earlier_names: tuple[str, ...] = ()
     preset: str
     device: str
     weights: WeightsSpec
@@ -152,12 +169,14 @@ class ExperimentConfig:
 
     @property
     def needs_official(self) -> bool:
-        return OFFICIAL_LEG in self.legs_used
+        return bool({OFFICIAL_LEG, *OFFICIAL_RANKED_LEGS} & set(self.legs_used))
 
     def resolved(self) -> dict[str, Any]:
-        """Every key with its value (defaults filled in), JSON-ready; ``name`` excluded."""
+        """Every key with its value (defaults filled in), JSON-ready; ``name`` and
+        ``earlier_names`` (what the experiment is called, not what it measures) excluded."""
         out = _jsonable(dataclasses.asdict(self))
         out.pop("name")
+        out.pop("earlier_names")
         return out
 
     def hashed_content(self) -> dict[str, Any]:
@@ -207,11 +226,43 @@ class ParityConfig(ExperimentConfig):
     official_compile: bool = True
 
 
+@dataclass(frozen=True, kw_only=True)
+class InteractiveConfig(ExperimentConfig):
+    """``worldplay serve`` driven by the scripted client (worldplay.experiments.kinds.interactive)."""
+
+    script: str  # the client's key schedule (worldplay.serve.client.parse_schedule)
+    leg: str = "native-fastest"
+    image: str = SYNTHETIC_IMAGE
+    lead: int = 1
+    warmup_chunks: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerInputConfig(ExperimentConfig):
+    """A bench and a parity per sample input, in one run (``kinds/per_input.py``): the legs of
+    ``speed_legs`` are timed, the legs of ``parity_legs`` compared frame by frame; a leg named in
+    both (the reference, e.g. ``official``) runs once per input and serves both."""
+
+    inputs: tuple[str, ...]
+    pose: str
+    speed_legs: tuple[str, ...]  # (test leg, reference leg): steady medians and reference / test
+    parity_legs: tuple[str, ...]  # (test leg, reference leg): frames and latents compared
+    warmup_chunks: int
+    official_compile: bool = True
+
+    @property
+    def legs(self) -> tuple[str, ...]:
+        """Every leg the run needs, each once (speed legs first)."""
+        return tuple(dict.fromkeys((*self.speed_legs, *self.parity_legs)))
+
+
 CONFIG_CLASSES: dict[str, type[ExperimentConfig]] = {
     "bench": BenchConfig,
     "rollouts": RolloutsConfig,
     "drift": DriftConfig,
     "parity": ParityConfig,
+    "interactive": InteractiveConfig,
+    "per-input": PerInputConfig,
 }
 
 
@@ -245,10 +296,13 @@ def _show(value: Any) -> str:
     return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(value).__name__})"
 
 
-def _int(minimum: int = 0) -> Callable[[Any, str], int]:
+def _int(minimum: int, maximum: int) -> Callable[[Any, str], int]:
+    """An integer in ``[minimum, maximum]``: every numeric key has both bounds, so no value can
+    reach the run that the run cannot take (a seed beyond 64 bits, 10^12 noise latents)."""
+
     def check(value: Any, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _Bad(key, f"expected an integer >= {minimum}, got {_show(value)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise _Bad(key, f"expected an integer from {minimum} to {maximum}, got {_show(value)}")
         return value
 
     return check
@@ -258,6 +312,13 @@ def _str(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise _Bad(key, f"expected a string, got {_show(value)}")
     return value
+
+
+def _experiment_name(value: Any, key: str) -> str:
+    name = _str(value, key)
+    if not _NAME.match(name):
+        raise _Bad(key, f"{excerpt(name, 60)!r} is not an experiment name (lower-case letters, digits and '-')")
+    return name
 
 
 def _bool(value: Any, key: str) -> bool:
@@ -290,37 +351,63 @@ def _str_list(item: Callable[[Any, str], str], *, length: int | None = None) -> 
     return check
 
 
+def side_problem(side: Any) -> str | None:
+    """Why ``side`` cannot be an image height or width, or None: the one rule for configs and
+    the CLI's ``--height``/``--width`` (a positive multiple of the model's stride, at most MAX_SIDE)."""
+    is_int = isinstance(side, int) and not isinstance(side, bool)
+    if not is_int or not 0 < side <= MAX_SIDE or side % SPATIAL_MULTIPLE:
+        shown = side if is_int else _show(side)
+        return f"expected a multiple of {SPATIAL_MULTIPLE} from {SPATIAL_MULTIPLE} to {MAX_SIDE}, got {shown}"
+    return None
+
+
+def image_side(text: str) -> int:
+    """``argparse`` type for ``--height``/``--width``: refuses ``0`` (which used to mean "the
+    preset's default" without a word), negative and unaligned sizes, as a usage error (exit 2)."""
+    import argparse
+
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{excerpt(text, 20)!r} is not a whole number of pixels") from None
+    problem = side_problem(side)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return side
+
+
 def _resolution(value: Any, key: str) -> tuple[int, int]:
     if not (isinstance(value, list) and len(value) == 2):
         raise _Bad(key, f"expected [height, width], got {_show(value)}")
-    out = []
     for i, side in enumerate(value):
-        if isinstance(side, bool) or not isinstance(side, int) or side <= 0 or side % SPATIAL_MULTIPLE:
-            raise _Bad(f"{key}[{i}]", f"expected a positive multiple of {SPATIAL_MULTIPLE}, got {_show(side)}")
-        out.append(side)
-    return out[0], out[1]
+        problem = side_problem(side)
+        if problem is not None:
+            raise _Bad(f"{key}[{i}]", problem)
+    return value[0], value[1]
 
 
 COMMON_FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any, str]] = {
     # key: (check, default or _REQUIRED, help)
     "kind": (_choice(KINDS), _REQUIRED, f"one of {list(KINDS)}"),
     "description": (_str, "", "free text for the site (not hashed)"),
+    "earlier_names": (_str_list(_experiment_name), (),
+                      "names its results were filed under before a rename (not hashed; shown as its history)"),
     "preset": (_choice(tuple(PRESET_RESOLUTION)), _REQUIRED, "model size"),
     "device": (_choice(DEVICES), _REQUIRED, "where the native legs run"),
     "weights": (None, _REQUIRED, "table: exactly one of random_init / path / hub (+ base)"),
-    "resolution": (_resolution, None, "[height, width], multiples of 32"),
-    "num_chunk": (_int(1), _REQUIRED, "chunks per rollout (4 latents, 16 frames each)"),
-    "seed": (_int(0), 0, "sampling seed"),
+    "resolution": (_resolution, None, f"[height, width], multiples of {SPATIAL_MULTIPLE} up to {MAX_SIDE}"),
+    "num_chunk": (_int(1, MAX_CHUNKS), _REQUIRED, f"chunks per rollout (4 latents, 16 frames each; at most {MAX_CHUNKS})"),
+    "seed": (_int(0, MAX_SEED), 0, "sampling seed"),
     "attention_backend": (_choice(ATTENTION_BACKENDS), "sdpa", "attention kernel of the native-eager leg"),
-    "noise_latents": (_int(1), OFFICIAL_NOISE_LATENTS, "latents of the seeded noise tensor (official: 241)"),
+    "noise_latents": (_int(1, MAX_LATENTS), OFFICIAL_NOISE_LATENTS, "latents of the seeded noise tensor (official: 241)"),
 }
 KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any, str]]] = {
     "bench": {
         "legs": (_str_list(_choice(LEGS)), _REQUIRED, f"subset of {list(LEGS)}"),
         "pose": (_str, _REQUIRED, "pose string or input:<id>"),
         "image": (_str, SYNTHETIC_IMAGE, "'synthetic' or an image id of inputs.toml"),
-        "warmup_chunks": (_int(0), _REQUIRED, "leading chunks of each rollout left out of the steady state"),
-        "repetitions": (_int(1), 1, "rollouts per leg"),
+        "warmup_chunks": (_int(0, MAX_CHUNKS - 1), _REQUIRED, "leading chunks of each rollout left out of the steady state"),
+        "repetitions": (_int(1, MAX_REPETITIONS), 1, "rollouts per leg"),
         "official_compile": (_bool, True, "the official code's own torch.compile (as shipped: true)"),
     },
     "rollouts": {
@@ -339,6 +426,25 @@ KIND_FIELDS: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any, str]]] = 
         "pose": (_str, _REQUIRED, "pose string or input:<id>"),
         "image": (_str, SYNTHETIC_IMAGE, "'synthetic' or an image id of inputs.toml"),
         "floor": (_choice(PARITY_FLOORS), "repeat", "official vs official: run twice, or toggle its compile"),
+        "official_compile": (_bool, True, "the official code's own torch.compile"),
+    },
+    "interactive": {
+        "script": (_str, _REQUIRED, "key schedule of the scripted client, e.g. 'c0f8:w,c3:w+left,c6:' (cCHUNKfFRAME: "
+                                    "when that frame is shown; SECONDS: after the world started)"),
+        "leg": (_choice(NATIVE_LEGS), "native-fastest", f"one of {list(NATIVE_LEGS)}"),
+        "image": (_str, SYNTHETIC_IMAGE, "'synthetic' or an image id of inputs.toml"),
+        "lead": (_int(1, 4), 1, "chunks the server generates ahead of the one playing (worldplay serve --lead)"),
+        "warmup_chunks": (_int(0, MAX_CHUNKS), 0, "chunks of a first, unmeasured world (compiles, CUDA-graph "
+                                                  "captures), played before the measured one"),
+    },
+    "per-input": {
+        "inputs": (_str_list(_str), _REQUIRED, "image ids of inputs.toml, one result row each"),
+        "pose": (_str, _REQUIRED, "pose string or input:<id>"),
+        "speed_legs": (_str_list(_choice((*NATIVE_LEGS, OFFICIAL_LEG)), length=2), _REQUIRED,
+                       "[test leg, reference leg], timed"),
+        "parity_legs": (_str_list(_choice((*NATIVE_LEGS, OFFICIAL_LEG)), length=2), _REQUIRED,
+                        "[test leg, reference leg], compared frame by frame"),
+        "warmup_chunks": (_int(0, MAX_CHUNKS - 1), _REQUIRED, "leading chunks of each rollout left out of the steady state"),
         "official_compile": (_bool, True, "the official code's own torch.compile"),
     },
 }
@@ -365,7 +471,7 @@ def _weights(value: Any) -> WeightsSpec:
         raise _Bad("weights", f"give exactly one of random_init, path, hub (got {sources or 'none'})")
     spec: dict[str, Any] = {}
     if "random_init" in value:
-        spec["random_init"] = _int(0)(value["random_init"], "weights.random_init")
+        spec["random_init"] = _int(0, MAX_SEED)(value["random_init"], "weights.random_init")
         if "base" in value:
             raise _Bad("weights.base", "only used with path or hub; random_init needs no base")
     else:
@@ -390,11 +496,11 @@ def load_config(path: str | Path, *, input_ids: Mapping[str, str] | None = None)
     source = str(path)
     name = path.stem
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = read_toml(path)
     except FileNotFoundError:
         raise ExperimentConfigError(source, "", "no such experiment config") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ExperimentConfigError(source, "", f"not valid TOML: {exc}") from None
+    except TomlReadError as exc:
+        raise ExperimentConfigError(source, "", str(exc)) from None
     try:
         return _build(name, data, input_ids)
     except _Bad as bad:
@@ -426,6 +532,8 @@ def _build(name: str, data: dict[str, Any], input_ids: Mapping[str, str] | None)
 
 def _check_combinations(cfg: ExperimentConfig, input_ids: Mapping[str, str] | None) -> None:
     need = cfg.num_chunk * CHUNK_LATENTS
+    if cfg.name in cfg.earlier_names:
+        raise _Bad("earlier_names", f"lists the experiment's own name '{cfg.name}'; list only the names it had before")
     if cfg.device == "cpu" and cfg.preset != "tiny":
         raise _Bad("device", "the CPU runs only preset 'tiny' (wan5b needs a CUDA GPU)")
     is_tiny_cpu = cfg.device == "cpu"
@@ -433,7 +541,7 @@ def _check_combinations(cfg: ExperimentConfig, input_ids: Mapping[str, str] | No
         raise _Bad("device", f"CPU experiments (and only they) are named '*{TINY_CPU_SUFFIX}' so that their "
                              f"results stay apart from GPU results; '{cfg.name}' has device '{cfg.device}'")
     if cfg.noise_latents < need:
-        raise _Bad("noise_latents", f"{cfg.noise_latents} < the {need} latents of {cfg.num_chunk} chunks")
+        raise _Bad("noise_latents", f"{cfg.noise_latents} < the {need} latents of {plural(cfg.num_chunk, 'chunk')}")
     if cfg.attention_backend in ("cudnn", "fa4") and cfg.device == "cpu":
         raise _Bad("attention_backend", f"'{cfg.attention_backend}' attention runs only on CUDA")
     legs = getattr(cfg, "legs", None)
@@ -442,29 +550,71 @@ def _check_combinations(cfg: ExperimentConfig, input_ids: Mapping[str, str] | No
         raise _Bad("legs", f"{pipelined} run only in a bench; a {cfg.kind} takes {list(NATIVE_LEGS)} or 'official'")
     if pipelined and cfg.device != "cuda":
         raise _Bad("legs", f"{pipelined} need two CUDA GPUs (device = \"cuda\")")
-    if legs and OFFICIAL_LEG in legs and (cfg.preset != "wan5b" or cfg.device != "cuda"):
+    ranked = sorted(set(legs or ()) & set(RANKED_LEGS))
+    if ranked and cfg.kind not in ("bench", "drift"):
+        raise _Bad("legs", f"{ranked} run in a bench or a drift; a {cfg.kind} takes one process per leg")
+    if ranked and cfg.preset == "tiny" and any(ranks_of(n) > 2 for n in ranked):
+        raise _Bad("legs", f"{ranked}: the tiny preset's 2 attention heads split over 2 ranks only; use 'native-sp2'")
+    officials = cfg.needs_official
+    if legs and officials and (cfg.preset != "wan5b" or cfg.device != "cuda"):
         raise _Bad("legs", "the official leg runs only the real architecture on a GPU "
                            "(preset 'wan5b', device 'cuda')")
-    if legs and OFFICIAL_LEG in legs and cfg.resolution != PRESET_RESOLUTION["wan5b"]:
+    if officials and set(legs) & set(OFFICIAL_RANKED_LEGS) and cfg.kind != "bench":
+        raise _Bad("legs", f"{sorted(set(legs) & set(OFFICIAL_RANKED_LEGS))} run only in a bench")
+    if legs and officials and cfg.resolution != PRESET_RESOLUTION["wan5b"]:
         raise _Bad("resolution", "the official code hard-codes 704x1280; use [704, 1280] with the official leg")
     if not cfg.weights.is_random and cfg.preset != "wan5b":
         raise _Bad("weights", "real checkpoints have the wan5b architecture; use preset 'wan5b' or random_init")
-    if isinstance(cfg, BenchConfig) and cfg.warmup_chunks >= cfg.num_chunk:
-        raise _Bad("warmup_chunks", f"{cfg.warmup_chunks} leaves no steady-state chunk of {cfg.num_chunk}; "
-                                    f"use at most {cfg.num_chunk - 1}")
+    if isinstance(cfg, (BenchConfig, PerInputConfig)) and cfg.warmup_chunks >= cfg.num_chunk:
+        raise _Bad("warmup_chunks", f"{cfg.warmup_chunks} leaves no steady-state chunk of the "
+                                    f"{plural(cfg.num_chunk, 'chunk')}; use at most {cfg.num_chunk - 1}")
     if isinstance(cfg, ParityConfig):
         if legs[1] != OFFICIAL_LEG or legs[0] == OFFICIAL_LEG:
             raise _Bad("legs", f"parity compares a native leg with the official one: [<one of {list(NATIVE_LEGS)}>, "
                                f"'official'], got {list(legs)}")
-    if isinstance(cfg, RolloutsConfig):
-        for i, pose in enumerate(cfg.poses):
-            _check_pose(pose, f"poses[{i}]", need, cfg.num_chunk, input_ids)
+    if isinstance(cfg, PerInputConfig):
+        _check_per_input_legs(cfg)
         for i, image in enumerate(cfg.inputs):
             _check_input(image, f"inputs[{i}]", "image", input_ids)
+        _check_pose(cfg.pose, "pose", need, cfg.num_chunk, input_ids)
+    elif isinstance(cfg, RolloutsConfig):
+        for i, pose in enumerate(cfg.poses):
+            _check_pose(pose, f"poses[{i}]", need, cfg.num_chunk, input_ids)
+        _check_slugs(cfg.poses)
+        for i, image in enumerate(cfg.inputs):
+            _check_input(image, f"inputs[{i}]", "image", input_ids)
+    elif isinstance(cfg, InteractiveConfig):
+        _check_script(cfg.script, cfg.num_chunk)
+        if cfg.image != SYNTHETIC_IMAGE:
+            _check_input(cfg.image, "image", "image", input_ids)
     else:
         _check_pose(cfg.pose, "pose", need, cfg.num_chunk, input_ids)
         if cfg.image != SYNTHETIC_IMAGE:
             _check_input(cfg.image, "image", "image", input_ids)
+
+
+def _check_script(script: str, num_chunk: int) -> None:
+    from ..serve.client import parse_schedule  # torch-free, like this module
+
+    try:
+        holds = parse_schedule(script)
+    except ValueError as exc:
+        raise _Bad("script", str(exc)) from None
+    if not holds:
+        raise _Bad("script", "no key change; e.g. 'c0f8:w,c3:w+left,c6:'")
+    late = [h for h in holds if h.at_chunk is not None and h.at_chunk >= num_chunk]
+    if late:
+        raise _Bad("script", f"a change at chunk {late[0].at_chunk} never happens in {plural(num_chunk, 'chunk')} "
+                             f"(chunks 0-{num_chunk - 1})")
+def _check_per_input_legs(cfg: PerInputConfig) -> None:
+    """Both pairs end in one shared reference leg (run once per input, timed and compared), and
+    the official leg, where listed, is that reference: it runs after every native leg."""
+    for key, (test, ref) in (("speed_legs", cfg.speed_legs), ("parity_legs", cfg.parity_legs)):
+        if test == OFFICIAL_LEG:
+            raise _Bad(f"{key}[0]", f"the official leg is the reference (second) entry; got {[test, ref]}")
+    if cfg.speed_legs[1] != cfg.parity_legs[1]:
+        raise _Bad("parity_legs[1]", f"the reference leg is shared: {cfg.parity_legs[1]!r} differs from "
+                                     f"speed_legs[1] {cfg.speed_legs[1]!r}; use the same leg in both")
 
 
 def _check_input(ident: str, key: str, kind: str, input_ids: Mapping[str, str] | None) -> None:
@@ -480,15 +630,29 @@ def _check_pose(pose: str, key: str, need: int, num_chunk: int, input_ids: Mappi
     if pose.startswith(INPUT_PREFIX):
         _check_input(pose[len(INPUT_PREFIX):], key, "pose", input_ids)
         return  # its length is checked when the file is resolved, before any model work
-    from ..pose import PoseError, trajectory_from_pose_string
-
     try:
-        latents = trajectory_from_pose_string(pose).num_latents
+        # S steps give S + 1 latents; counted from the parse, without integrating the camera path.
+        latents = sum(command.steps for command in parse_pose_string(pose)) + 1
     except PoseError as exc:
         raise _Bad(key, str(exc)) from None
     if latents < need:
-        raise _Bad(key, f"{pose!r} gives {latents} latents but num_chunk={num_chunk} needs {need} "
-                        f"(a pose string of S steps gives S+1 latents; e.g. 'w-{need - 1}')")
+        # need <= MAX_LATENTS (num_chunk is capped at MAX_CHUNKS), so the suggestion is a valid pose.
+        raise _Bad(key, f"'{excerpt(pose, 60)}' gives {plural(latents, 'latent')} but num_chunk={num_chunk} needs "
+                        f"{need} (a pose string of S steps gives S+1 latents; e.g. 'w-{need - 1}')")
+
+
+def _check_slugs(poses: tuple[str, ...]) -> None:
+    """Refuse two spellings of one pose: a rollout names each video by the pose's slug, so the
+    second would collide with the first one's video after the first rollout had run."""
+    seen: dict[str, int] = {}
+    for i, pose in enumerate(poses):
+        slug = pose_slug(pose)
+        if slug in seen:
+            j = seen[slug]
+            raise _Bad(f"poses[{i}]", f"'{excerpt(pose, 60)}' and poses[{j}] '{excerpt(poses[j], 60)}' are spelled "
+                                      f"differently but give the same video name '{excerpt(slug, 60)}'; "
+                                      "list each pose once")
+        seen[slug] = i
 
 
 def experiment_names(experiments_dir: str | Path) -> list[str]:

@@ -26,9 +26,18 @@ import torch.nn.functional as F
 
 from ..config import DiTConfig
 from .attention import attention
-from .fused import linear_gelu_tanh, rms_norm, rotate_and_store, rotate_and_store_reference, store_kv
+from .fused import (
+    linear_gelu_tanh,
+    rms_norm,
+    rotate_and_store,
+    rotate_and_store_reference,
+    rotate_branches,
+    stack_branches,
+    store_kv,
+)
+from .parallel import TokenShards
 from .prope import PRoPE, apply_per_frame
-from .rope import apply_rope, rope_tables
+from .rope import rope_tables
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -97,12 +106,14 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class SelfAttnInputs:
-    """What every block's self-attention needs for one call (shared by all layers).
+    """What every block's attention needs for one call (shared by all layers).
 
     ``rope``: cos/sin tables of the query tokens. ``prope``: per-frame camera matrices of the
     query frames (HY-WorldPlay), or None. With a K/V buffer (see ``worldplay.memory``), this
     call's keys/values are written in place to tokens ``write`` of the buffer and the queries
-    attend to tokens ``read``; without one, tokens attend to each other.
+    attend to tokens ``read``; without one, tokens attend to each other. ``backend``: the
+    attention backend of self- and cross-attention (``worldplay.nn.attention``). ``shards``:
+    this rank's tokens of a DiT over several ranks (:mod:`worldplay.nn.parallel`), or None.
     """
 
     rope: tuple[torch.Tensor, torch.Tensor]
@@ -113,33 +124,66 @@ class SelfAttnInputs:
     # worldplay.nn.fused: one pass for q/k norm, RoPE, PRoPE and the K/V store (with a K/V
     # buffer), and the FFN's GELU in its GEMM epilogue.
     fused: bool = False
+    backend: str = "sdpa"
+    shards: TokenShards | None = None
 
 
 @torch.compiler.disable
-def _attend_cached(q_all, ks, vs, kv_buffer, write, read: slice, batch: int, backend: str, mask):
-    """Store this call's K/V in the buffer and attend to its ``read`` tokens, always eagerly.
+def _store_and_attend(attn, q, k, v, inputs: SelfAttnInputs, kv_buffer, *, rotated: bool = False):
+    """The one way keys/values reach a K/V buffer: store this call's K/V at tokens
+    ``inputs.write``, then (given queries) attend to tokens ``inputs.read``. Returns the
+    attention output ``[branches*B, L, H, d]``, or None without queries (the last block of a
+    memory prefill, whose queries nothing uses).
 
-    Inside a compiled graph, inductor turns the in-place slice store into a copy of the whole
-    buffer and gives the SDPA kernel contiguous copies of the strided buffer views: ~100 ms of
-    memory traffic per steady chunk at 704x1280 (profiled, notes/perf.md). Eagerly, the store
-    touches only the written slots and the kernels read the views as they are. Under CUDA-graph
-    capture this eager island costs no launch overhead."""
-    store_kv(ks, vs, kv_buffer, write, batch)
-    k_all, v_all = kv_buffer[0][:, read], kv_buffer[1][:, read]
-    o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend, mask=mask)
-    return o.transpose(1, 2)  # [branches*B, L, H, d]
+    ``rotated=False``: ``q`` (or None), ``k``, ``v`` are the GEMM outputs ``[B, L, H*d]``; the
+    q/k norm, RoPE and PRoPE happen on the way into the buffer, in one Triton pass with
+    ``inputs.fused`` on CUDA, else in PyTorch (:mod:`worldplay.nn.fused`). ``rotated=True``:
+    the caller did that work inside its compiled block, where inductor fuses it; ``q`` holds both
+    branches' queries, ``k`` and ``v`` the per-branch lists.
 
+    Always eager: inside a compiled graph, inductor turns the in-place slice store into a copy
+    of the whole buffer and gives the SDPA kernel contiguous copies of the strided buffer views:
+    ~100 ms of memory traffic per steady chunk at 704x1280 (profiled, notes/perf.md). Eagerly,
+    the store touches only the written slots and the kernels read the views as they are. Under
+    CUDA-graph capture this eager island costs no launch overhead.
 
-@torch.compiler.disable
-def _fused_attend_cached(attn, q, k, v, inputs: SelfAttnInputs, kv_buffer, backend: str):
-    """:func:`_attend_cached` with the q/k/v post-processing fused into the store
-    (:func:`worldplay.nn.fused.rotate_and_store`)."""
-    q_all = rotate_and_store(q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, inputs.rope,
-                             inputs.prope, kv_buffer, inputs.write, attn.heads)
-    k_all, v_all = kv_buffer[0][:, inputs.read], kv_buffer[1][:, inputs.read]
-    o = attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend,
+    Over several ranks (``inputs.shards``; ``rotated=False``) the GEMM outputs are this rank's
+    tokens with all heads: q and k are RMS-normalised here (the norm spans every head of a
+    token), then one all-to-all hands each rank every token of its heads, RoPE/PRoPE and the
+    store run on those heads (the K/V buffer holds this rank's heads only), and the output goes
+    back to this rank's tokens (:mod:`worldplay.ranks.sequence`). Only the bytes of q, k and v
+    (one branch) travel in, and the output (both branches) travels back."""
+    heads, norm_q, norm_k = attn.heads, attn.norm_q.weight, attn.norm_k.weight
+    shards = inputs.shards
+    if shards is not None:
+        if rotated:
+            raise ValueError("keys rotated before the exchange between ranks: call with the GEMM outputs")
+        q = None if q is None else rms_norm(q, norm_q, attn.norm_q.eps)
+        k = rms_norm(k, norm_k, attn.norm_k.eps)
+        exchanged = shards.to_heads([k, v] if q is None else [q, k, v], heads)
+        q, (k, v) = (None, exchanged) if q is None else (exchanged[0], exchanged[1:])
+        heads, norm_q, norm_k = heads // shards.size, None, None
+    # A quantised store (worldplay.memory.Fp8MemoryKV) hands out bf16 work buffers: the memory
+    # keys/values this call reads but does not write are dequantised into them, this call's exact
+    # keys/values are written to them (and its memory tokens quantised into the store).
+    work = getattr(kv_buffer, "work", None)
+    if work is not None:
+        kv_buffer.load(inputs.read, inputs.write)
+    target = kv_buffer if work is None else work
+    if rotated:
+        store_kv(k, v, target, inputs.write)
+    else:
+        store = rotate_and_store if inputs.fused else rotate_and_store_reference
+        q = store(q, k, v, norm_q, norm_k, attn.norm_k.eps, inputs.rope, inputs.prope, target, inputs.write, heads)
+    if work is not None:
+        kv_buffer.save(inputs.write)
+    if q is None:
+        return None
+    k_all, v_all = target[0][:, inputs.read], target[1][:, inputs.read]
+    o = attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=inputs.backend,
                   mask=inputs.mask)
-    return o.transpose(1, 2)  # [branches*B, L, H, d]
+    o = o.transpose(1, 2)  # [branches*B, L, H, d]
+    return o if shards is None else shards.to_tokens(o)
 
 
 class _Attention(nn.Module):
@@ -172,44 +216,35 @@ class SelfAttention(_Attention):
         v = self.to_v(x).unflatten(-1, (self.heads, -1))
         return q, k, v
 
-    def write_kv(
-        self, x: torch.Tensor, inputs: SelfAttnInputs, kv_buffer: tuple[torch.Tensor, torch.Tensor]
-    ) -> None:
-        # Runs eagerly (the last prefill block is not compiled): the fused kernel or its reference.
-        store = rotate_and_store if inputs.fused else rotate_and_store_reference
-        store(None, self.to_k(x), self.to_v(x), self.norm_q.weight, self.norm_k.weight, self.norm_k.eps,
-              inputs.rope, inputs.prope, kv_buffer, inputs.write, self.heads)
-
     def forward(
         self,
         x: torch.Tensor,
         inputs: SelfAttnInputs,
-        kv_buffer: tuple[torch.Tensor, torch.Tensor] | None,
-        backend: str,
+        kv_buffer: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch = x.shape[0]
-        if inputs.fused and kv_buffer is not None:
-            o = _fused_attend_cached(self, self.to_q(x), self.to_k(x), self.to_v(x), inputs, kv_buffer, backend)
+        if inputs.shards is not None and kv_buffer is None:
+            raise ValueError("a DiT over several ranks attends through a K/V buffer (kv_buffers)")
+        if (inputs.fused or inputs.shards is not None) and kv_buffer is not None:
+            o = _store_and_attend(self, self.to_q(x), self.to_k(x), self.to_v(x), inputs, kv_buffer)
             return self._output(o, inputs, batch)
         q, k, v = self.project(x)
-        qs, ks, vs = [apply_rope(q, *inputs.rope)], [apply_rope(k, *inputs.rope)], [v]
-        if inputs.prope is not None:
-            # Second branch on the *un-rotated* q, k, v; run with the RoPE branch as one
-            # batch-2 attention (both branches share keys' positions and the softmax scale).
-            qs.append(apply_per_frame(q, inputs.prope.q))
-            ks.append(apply_per_frame(k, inputs.prope.kv))
-            vs.append(apply_per_frame(v, inputs.prope.kv))
-        q_all = torch.cat(qs) if len(qs) > 1 else qs[0]
+        qs, ks, vs = rotate_branches(q, k, v, inputs.rope, inputs.prope)
+        q_all = stack_branches(qs)
         if kv_buffer is None:
-            k_all = torch.cat(ks) if len(ks) > 1 else ks[0]
-            v_all = torch.cat(vs) if len(vs) > 1 else vs[0]
             o = attention(
-                q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend=backend,
-                mask=inputs.mask,
+                q_all.transpose(1, 2), stack_branches(ks).transpose(1, 2), stack_branches(vs).transpose(1, 2),
+                backend=inputs.backend, mask=inputs.mask,
             ).transpose(1, 2)  # [branches*B, L, H, d]
         else:
-            o = _attend_cached(q_all, ks, vs, kv_buffer, inputs.write, inputs.read, batch, backend, inputs.mask)
+            o = _store_and_attend(self, q_all, ks, vs, inputs, kv_buffer, rotated=True)
         return self._output(o, inputs, batch)
+
+    def store_kv_only(
+        self, x: torch.Tensor, inputs: SelfAttnInputs, kv_buffer: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        """Only this call's keys/values, into the buffer (the last block of a memory prefill)."""
+        _store_and_attend(self, None, self.to_k(x), self.to_v(x), inputs, kv_buffer)
 
     def _output(self, o: torch.Tensor, inputs: SelfAttnInputs, batch: int) -> torch.Tensor:
         """Both branches' attention output ``[branches*B, L, H, d]`` -> ``[B, L, D]``."""
@@ -229,7 +264,7 @@ class CrossAttention(_Attention):
         v = self.to_v(text).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         o = attention(q, kv[0], kv[1], backend=backend)
         return self.to_out[0](o.transpose(1, 2).flatten(2))
@@ -252,7 +287,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         up = self.net[0].proj
-        if fused and type(up) is nn.Linear:  # not when fp8_linears has swapped it
+        if fused and type(up) is nn.Linear:  # not an fp8 layer (worldplay.nn.fp8)
             return self.net[2](linear_gelu_tanh(x, up.weight, up.bias))
         return self.net[2](self.net[0](x))
 
@@ -281,7 +316,6 @@ class Block(nn.Module):
         e: torch.Tensor,
         text_kv: tuple[torch.Tensor, torch.Tensor],
         attn_inputs: SelfAttnInputs,
-        backend: str,
         kv_buffer: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, num_frames, per_frame = e.shape[0], e.shape[1], x.shape[1] // e.shape[1]
@@ -293,11 +327,11 @@ class Block(nn.Module):
             return t.view(batch, num_frames, per_frame, -1)
 
         y = (frames(_layer_norm32(x, self.eps)) * (1 + scale1) + shift1).to(dtype)
-        attn = self.attn1(y.flatten(1, 2), attn_inputs, kv_buffer, backend)
+        attn = self.attn1(y.flatten(1, 2), attn_inputs, kv_buffer)
         x = (frames(x.float()) + frames(attn) * gate1).to(dtype).flatten(1, 2)
 
         y = F.layer_norm(x.float(), (x.shape[-1],), self.norm2.weight.float(), self.norm2.bias.float(), self.eps)
-        x = x + self.attn2(y.to(dtype), text_kv, backend)
+        x = x + self.attn2(y.to(dtype), text_kv, attn_inputs.backend)
 
         y = (frames(_layer_norm32(x, self.eps)) * (1 + scale2) + shift2).to(dtype)
         ff = self.ffn(y.flatten(1, 2), fused=attn_inputs.fused)
@@ -317,7 +351,7 @@ class Block(nn.Module):
         mod = self.scale_shift_table.float() + e.float()
         shift1, scale1 = mod[..., 0, :], mod[..., 1, :]
         y = (_layer_norm32(x, self.eps).view(batch, num_frames, per_frame, -1) * (1 + scale1) + shift1)
-        self.attn1.write_kv(y.to(x.dtype).flatten(1, 2), attn_inputs, kv_buffer)
+        self.attn1.store_kv_only(y.to(x.dtype).flatten(1, 2), attn_inputs, kv_buffer)
 
 
 class KVBuffers:
@@ -351,9 +385,6 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, with_prope=worldplay) for _ in range(config.num_layers)])
         self.proj_out = nn.Linear(dim, out_features)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-        # None: RoPE tables in float32. The official model casts its tables to bf16 with the
-        # rest of the model (``.to(bfloat16)``); set this to match it bit for bit.
-        self.rope_table_dtype: torch.dtype | None = None
         if worldplay:
             self.zero_worldplay_extras()
 
@@ -427,6 +458,7 @@ class WanDiT(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         block_fn=None,
         fused_kernels: bool = False,
+        shards: TokenShards | None = None,
     ) -> torch.Tensor | None:
         """Predict the flow-matching velocity of ``latents [B, C, F, H, W]``.
 
@@ -440,9 +472,11 @@ class WanDiT(nn.Module):
         last block's attention (only the K/V are wanted) and returns None.
 
         ``rope``: precomputed tables (:meth:`rope_for`) instead of ``frame_positions`` (static
-        inputs for CUDA-graph capture). ``block_fn(block, x, e, text_kv, inputs, backend, kv)``
+        inputs for CUDA-graph capture). ``block_fn(block, x, e, text_kv, inputs, kv)``
         replaces the plain block call (e.g. a function compiled with ``torch.compile``).
         ``fused_kernels``: :mod:`worldplay.nn.fused` (CUDA; elsewhere the same PyTorch code).
+        ``shards``: this rank's tokens when the DiT runs over several ranks (every rank calls with
+        the same inputs and gets the same output; see :mod:`worldplay.ranks.sequence`).
         """
         b, _, num_frames, height, width = latents.shape
         if rope is None:
@@ -454,13 +488,19 @@ class WanDiT(nn.Module):
                 raise ValueError("viewmats given without intrinsics")
             prope = PRoPE.from_cameras(viewmats, intrinsics, self.dtype)
         inputs = SelfAttnInputs(rope=(cos, sin), prope=prope, write=write, read=read, mask=attn_mask,
-                                fused=fused_kernels)
+                                fused=fused_kernels, backend=attention_backend, shards=shards)
         if (kv_buffers is None) != (write is None):
             raise ValueError("kv_buffers and write/read go together")
+        if shards is not None and attn_mask is not None:
+            raise ValueError("attn_mask is for single-rank references; a DiT over several ranks takes none")
         ctx = text if isinstance(text, TextContext) else self.text_context(text)
 
         x = self.patchify(latents)
         temb, e = self.modulation(timesteps, actions, b, num_frames)
+        if shards is not None:  # this rank's tokens of every frame, and their modulation
+            x = shards.shard(x)
+            if e.shape[2] > 1:  # per-token timesteps
+                temb, e = shards.local(temb, 2), shards.local(e, 2)
         last = len(self.blocks) - 1
         for i, (block, text_kv) in enumerate(zip(self.blocks, ctx.kv, strict=True)):
             layer_kv = None if kv_buffers is None else kv_buffers.layer(i)
@@ -468,31 +508,43 @@ class WanDiT(nn.Module):
                 block.write_kv_only(x, e, inputs, layer_kv)
                 return None
             if block_fn is None:
-                x = block(x, e, text_kv, inputs, attention_backend, layer_kv)
+                x = block(x, e, text_kv, inputs, layer_kv)
             else:
-                x = block_fn(block, x, e, text_kv, inputs, attention_backend, layer_kv)
-        return self.head(x, temb, num_frames, height, width)
+                x = block_fn(block, x, e, text_kv, inputs, layer_kv)
+        return self.head(x, temb, num_frames, height, width, shards)
 
     def rope_for(
-        self, frame_positions: torch.Tensor | None, num_frames: int, height: int, width: int, device
+        self, frame_positions: torch.Tensor | None, num_frames: int, height: int, width: int, device,
+        table_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin tables for frame-major tokens of a ``[.., F, height, width]`` latent."""
+        """RoPE cos/sin tables for frame-major tokens of a ``[.., F, height, width]`` latent,
+        rounded to ``table_dtype`` (see ``round_rope_tables``)."""
         hp, wp = height // self.config.patch_size[1], width // self.config.patch_size[2]
         if frame_positions is None:
             frame_positions = torch.arange(num_frames)
         cos, sin = rope_tables(frame_positions.to(device), hp, wp, self.config.attention_head_dim)
-        if self.rope_table_dtype is not None:  # official: tables stored in the model dtype
-            cos, sin = cos.to(self.rope_table_dtype).float(), sin.to(self.rope_table_dtype).float()
-        return cos, sin
+        return round_rope_tables(cos, sin, table_dtype)
 
-    def head(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
+    def head(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int, height: int, width: int,
+             shards: TokenShards | None = None) -> torch.Tensor:
         b, per_frame = x.shape[0], x.shape[1] // num_frames
         # Official precision: the table is added to temb in the model dtype (no fp32 upcast).
         mod = self.scale_shift_table.to(temb.dtype) + temb.unsqueeze(-2)  # [B, F, St, 2, D]
         shift, scale = mod.unbind(dim=-2)
         y = _layer_norm32(x, self.config.eps).view(b, num_frames, per_frame, -1) * (1 + scale) + shift
         out = self.proj_out(y.to(x.dtype).flatten(1, 2))
+        if shards is not None:  # every rank's tokens (48 x 4 values each: the smallest tensor to gather)
+            out = shards.gather(out)
         return self.unpatchify(out, num_frames, height, width)
+
+
+def round_rope_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None):
+    """float32 RoPE tables as a model stored in ``dtype`` holds them: the official model casts
+    its tables with the rest of the model (``.to(bfloat16)``), so ``dtype=torch.bfloat16``
+    matches it bit for bit; None keeps them exact."""
+    if dtype is None:
+        return cos, sin
+    return cos.to(dtype).float(), sin.to(dtype).float()
 
 
 def _per_frame(values: torch.Tensor, batch: int, num_frames: int, name: str) -> torch.Tensor:

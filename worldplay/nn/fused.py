@@ -1,11 +1,16 @@
-"""Fused versions of the DiT's memory-bound steps (``RolloutSettings.fused_kernels``).
+"""The DiT's memory-bound steps in their PyTorch form, and fused versions of them
+(``RolloutSettings.fused_kernels``).
 
-Profiled at 704x1280 (notes/perf.md), the work between the q/k/v GEMMs and the attention —
-RMSNorm of q and k, RoPE, PRoPE's per-frame transforms of q, k and v, and the copies of both
-branches' keys/values into the memory buffer — took ~75 ms per steady chunk in three passes at
-a quarter of the memory bandwidth. :func:`rotate_and_store` does it in one pass (a Triton
-kernel on CUDA), writing keys/values straight into the buffer. ``linear_gelu_tanh`` moves
-the FFN's GELU into the GEMM epilogue (cuBLASLt) instead of a separate pass over its output.
+The PyTorch form is the one home of their numerics: ``rms_norm`` (q/k RMSNorm),
+``rotate_branches`` (RoPE, and PRoPE's per-frame transforms of q, k and v) and ``store_kv``
+(the copy of both branches' keys/values into a memory buffer) serve the unfused DiT and are the
+reference the kernels are held to (:func:`rotate_and_store_reference`).
+
+Profiled at 704x1280 (notes/perf.md), the work between the q/k/v GEMMs and the attention took
+~75 ms per steady chunk in three passes at a quarter of the memory bandwidth.
+:func:`rotate_and_store` does it in one pass (a Triton kernel on CUDA), writing keys/values
+straight into the buffer. ``linear_gelu_tanh`` moves the FFN's GELU into the GEMM epilogue
+(cuBLASLt) instead of a separate pass over its output.
 
 Both compute what the unfused code computes, with float32 intermediates rounded at the same
 points; only the order of float32 additions may differ (the RMSNorm sum, PRoPE's four
@@ -46,10 +51,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.to(x.dtype) * weight.to(x.dtype)
 
 
-def store_kv(ks, vs, kv_buffer, write: slice | torch.Tensor, batch: int) -> None:
-    """Copy each branch's keys/values into its batch rows of the fixed buffers, in place, at
-    the token range ``write`` or at the token indices ``write`` (a LongTensor)."""
+def rotate_branches(q, k, v, rope, prope: PRoPE | None):
+    """Normalised ``q`` (or None), ``k`` and ``v`` ``[B, L, H, d]`` -> per-branch lists: the RoPE
+    branch (q, k rotated; v as is) and, with ``prope``, the camera branch of the *un-rotated*
+    q, k, v. Both branches share the keys' positions and the softmax scale, so they run as one
+    batch-``2B`` attention."""
+    qs = None if q is None else [apply_rope(q, *rope)]
+    ks, vs = [apply_rope(k, *rope)], [v]
+    if prope is not None:
+        if qs is not None:
+            qs.append(apply_per_frame(q, prope.q))
+        ks.append(apply_per_frame(k, prope.kv))
+        vs.append(apply_per_frame(v, prope.kv))
+    return qs, ks, vs
+
+
+def stack_branches(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-branch ``[B, ...]`` tensors -> ``[branches*B, ...]`` (no copy for one branch)."""
+    return torch.cat(ts) if len(ts) > 1 else ts[0]
+
+
+def store_kv(ks, vs, kv_buffer, write: slice | torch.Tensor) -> None:
+    """Copy each branch's keys/values ``[B, L, H, d]`` into its batch rows of the fixed buffers,
+    in place, at the token range ``write`` or at the token indices ``write`` (a LongTensor)."""
     k_buf, v_buf = kv_buffer
+    batch = ks[0].shape[0]
     for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
         rows = slice(i * batch, (i + 1) * batch)
         if isinstance(write, torch.Tensor):
@@ -65,33 +91,28 @@ def rotate_and_store_reference(
 ) -> torch.Tensor | None:
     """The unfused computation (and the CPU path). ``q`` (or None), ``k``, ``v``: GEMM outputs
     ``[B, L, H*d]``; returns the queries of both branches ``[branches*B, L, H, d]`` (or None)
-    after writing the keys/values to tokens ``write`` of ``kv_buffer``."""
-    batch = k.shape[0]
+    after writing the keys/values to tokens ``write`` of ``kv_buffer``. ``norm_q``/``norm_k``
+    None: q and k come normalised already (a DiT over several ranks normalises across all heads
+    before handing each rank its heads, :mod:`worldplay.ranks.sequence`)."""
 
     def heads_of(t):
         return t.unflatten(-1, (heads, -1))
 
-    kn = heads_of(rms_norm(k, norm_k, eps))
-    vh = heads_of(v)
-    ks, vs = [apply_rope(kn, *rope)], [vh]
-    if prope is not None:
-        ks.append(apply_per_frame(kn, prope.kv))
-        vs.append(apply_per_frame(vh, prope.kv))
-    store_kv(ks, vs, kv_buffer, write, batch)
-    if q is None:
-        return None
-    qn = heads_of(rms_norm(q, norm_q, eps))
-    qs = [apply_rope(qn, *rope)]
-    if prope is not None:
-        qs.append(apply_per_frame(qn, prope.q))
-    return torch.cat(qs) if len(qs) > 1 else qs[0]
+    def normed(t, weight):
+        return t if weight is None else rms_norm(t, weight, eps)
+
+    qn = None if q is None else heads_of(normed(q, norm_q))
+    qs, ks, vs = rotate_branches(qn, heads_of(normed(k, norm_k)), heads_of(v), rope, prope)
+    store_kv(ks, vs, kv_buffer, write)
+    return None if qs is None else stack_branches(qs)
 
 
 def rotate_and_store(
     q, k, v, norm_q, norm_k, eps, rope, prope: PRoPE | None, kv_buffer, write, heads: int, *, kernel=None
 ) -> torch.Tensor | None:
     """:func:`rotate_and_store_reference` in one Triton pass on CUDA (or with ``kernel``, e.g.
-    the interpreted kernel in tests); the reference elsewhere."""
+    the interpreted kernel in tests); the reference elsewhere. ``norm_q``/``norm_k`` None: no
+    RMSNorm pass in the kernel (q and k come normalised)."""
     if kernel is None:
         if not (k.is_cuda and k.dtype == torch.bfloat16 and _kernel_shape_ok(k.shape[-1] // heads) and triton_usable()):
             return rotate_and_store_reference(q, k, v, norm_q, norm_k, eps, rope, prope, kv_buffer, write, heads)
@@ -128,13 +149,13 @@ def rotate_and_store(
     m_kv = None if prope is None else prope.kv.contiguous()
     m_q = None if prope is None else prope.q.contiguous()
     buf_rows, buf_tok = k_buf.stride(0), k_buf.stride(1)
-    launch(k, norm_k, m_kv, k_buf, batch * buf_rows, buf_rows, buf_tok, True, True, indexed, start)
+    launch(k, norm_k, m_kv, k_buf, batch * buf_rows, buf_rows, buf_tok, norm_k is not None, True, indexed, start)
     launch(v, None, m_kv, v_buf, batch * buf_rows, buf_rows, buf_tok, False, False, indexed, start)
     if q is None:
         return None
     branches = 1 if prope is None else 2
     q_all = torch.empty(branches * batch, length, heads, head_dim, device=q.device, dtype=q.dtype)
-    launch(q, norm_q, m_q, q_all, batch * length * width, length * width, width, True, True,
+    launch(q, norm_q, m_q, q_all, batch * length * width, length * width, width, norm_q is not None, True,
            False, 0)
     return q_all
 

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,9 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+
+from ..constants import DEFAULT_PROMPT  # re-exported: the prompt the encoder is tested with
+from ..files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,6 @@ __all__ = [
     "resolve_encoder_layout",
 ]
 
-# The prompt of the official and NVIDIA runs, byte for byte. No trailing period: FD measured
-# that one extra "." token alone costs about 2/255 of pixel drift against the official output.
-DEFAULT_PROMPT = (
-    "First-person view walking around ancient Athens, with Greek architecture and marble structures"
-)
 
 # The official pipeline's ``__call__`` default (the 226 of its helper methods is never used).
 DEFAULT_MAX_LENGTH = 512
@@ -105,16 +102,42 @@ def clean_prompt(text: str) -> str:
         ImportError: ftfy is not installed; the official code has no fallback, and cleaning
             without it would silently change the tokens of some prompts.
     """
-    try:
-        import ftfy
-    except ImportError as err:
-        raise ImportError(
-            "Prompt cleaning needs the 'ftfy' package (the official pipeline has no fallback): "
-            "pip install ftfy   (or: pip install 'worldplay[text]')"
-        ) from err
+    require_text_extra("ftfy")
+    import ftfy
+
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip()
+
+
+# The packages of the ``text`` extra (pip install 'worldplay[text]'): what real weights need to
+# clean and encode a prompt. One list, so the error and pyproject's extra cannot drift apart.
+TEXT_EXTRA = ("transformers", "sentencepiece", "ftfy")
+TEXT_EXTRA_INSTALL = "pip install 'worldplay[text]'"
+
+
+class TextExtraMissing(ImportError):
+    """A package of the ``text`` extra is not installed; the message names the install command."""
+
+
+def require_text_extra(*packages: str) -> None:
+    """Raise :class:`~worldplay.nn.text.TextExtraMissing` naming every missing package of ``packages`` (default: the
+    whole extra) and the one command that installs them all."""
+    import importlib.util
+
+    wanted = packages or TEXT_EXTRA
+    missing = []
+    for name in wanted:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a module set to None in sys.modules, or without a spec
+            missing.append(name)
+    if missing:
+        raise TextExtraMissing(
+            f"prompts of real weights need {', '.join(missing)} (not installed); "
+            f"install the text extra: {TEXT_EXTRA_INSTALL}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +504,7 @@ class PromptEmbeddingCache:
         tensors = {"embeddings": embeddings, "seq_len": torch.tensor(int(seq_len), dtype=torch.int64)}
         data = safetensors.torch.save(tensors, metadata=metadata)
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)  # a shared cache: old or complete, never partial
         logger.info("Stored text embedding %s (seq_len %d)", path, seq_len)
         return path
 
@@ -515,23 +538,6 @@ def _validate_entry(key: str, embeddings: torch.Tensor, seq_len: int, metadata: 
     expect(
         _tensor_sha256(embeddings) == metadata.get("embeddings_sha256"), "embedding bytes fail their checksum"
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; the cache may be shared by several users of one machine.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,6 +611,7 @@ def prompt_embeddings(
             "snapshot>, encoder_identity=<the same identity>, device=..., dtype=...)."
         )
 
+    require_text_extra()  # before the encoder's files are read: one line naming the install command
     logger.info("Text embedding cache miss %s: encoding prompt %r with %s", key, cleaned, encoder_dir)
     started = time.perf_counter()
     with TextEncoder.from_pretrained(encoder_dir, device=device, dtype=encoder_dtype) as encoder:

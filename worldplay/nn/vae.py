@@ -23,6 +23,15 @@ Two places do depend on whether the stream has just started (``state.fresh``):
 
 Together these make latent 0 decode to one frame and every later latent to four, whether the
 latents arrive one per call (the official HY-WorldPlay ``MyVAE``) or several per call (here).
+
+Over several ranks (a decode state with ``columns``, :mod:`worldplay.nn.parallel`) each rank
+decodes its own latent columns. The decoder is local in space but for two things, and both
+go through that one object: a 3-wide spatial convolution reads one column beyond each side of
+the rank's columns (``CausalConv3d.forward``: the neighbours' edge columns, or zeros at
+the frame's edges, in place of the convolution's own zero padding at the split), and the
+middle block's attention spans a whole frame (``MidAttention``: the keys and values of
+every column). Norms are per pixel (over channels), nearest upsampling and the parameter-free
+shortcuts per column: nothing else crosses a split, so the frames equal one rank's.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from worldplay.config import VAEConfig
-from worldplay.graphs import CapturedCall
+
+from .parallel import ColumnShards
 
 # Frames of history a causal 3-tap time conv needs (its kernel is 3 frames deep).
 HISTORY_FRAMES = 2
@@ -85,14 +95,19 @@ class CacheSlot:
 
     ``level`` says where in the network the conv sits: its spatial size is the reference grid
     (latent grid for the decoder, patchified input for the encoder) times ``2**level``.
+    ``halo``: the conv's spatial padding; a rank of a column split keeps that many of its
+    neighbours' columns on each side in the history, with its own.
     """
 
     channels: int
     frames: int
     level: int
+    halo: int = 0
 
-    def shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-        return (batch, self.channels, self.frames, _rescale(height, self.level), _rescale(width, self.level))
+    def shape(self, batch: int, height: int, width: int,
+              columns: ColumnShards | None = None) -> tuple[int, int, int, int, int]:
+        w = _rescale(width, self.level) if columns is None else columns.width(self.level) + 2 * self.halo
+        return (batch, self.channels, self.frames, _rescale(height, self.level), w)
 
 
 def _rescale(size: int, level: int) -> int:
@@ -110,7 +125,7 @@ class CausalState:
     ``buffers[i]`` belongs to the conv whose ``cache_slot`` is ``i``. They are zero-filled at
     creation and by :meth:`reset`, and otherwise only written in place, so ``data_ptr()`` of
     every buffer is constant for the life of the state, unless :meth:`relayout` moves them to
-    another memory format (once, when the decoder's layout was switched under the state).
+    another memory format (once, when a decoder of another layout takes the state over).
 
     ``fresh`` is True until the first call of the stream has run. It replaces diffusers'
     per-conv ``None``/``"Rep"`` markers: all slots start together, so one flag is enough, and
@@ -118,9 +133,10 @@ class CausalState:
     uses (plain zero padding, then ``[zeros, frame]`` as the cache).
     """
 
-    def __init__(self, buffers: list[torch.Tensor]):
+    def __init__(self, buffers: list[torch.Tensor], columns: ColumnShards | None = None):
         self.buffers = buffers
         self.fresh = True
+        self.columns = columns  # this rank's latent columns over several ranks (None: one rank)
 
     def reset(self) -> None:
         """Restart the stream without reallocating (buffer pointers stay the same)."""
@@ -137,15 +153,12 @@ class CausalState:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
 
-def _graphs_possible(buffer: torch.Tensor) -> bool:
-    return buffer.is_cuda
-
-
 class DecodeState(CausalState):
     """Streaming state of the decoder for one rollout: batch size and latent grid are fixed."""
 
-    def __init__(self, buffers: list[torch.Tensor], batch: int, latent_h: int, latent_w: int):
-        super().__init__(buffers)
+    def __init__(self, buffers: list[torch.Tensor], batch: int, latent_h: int, latent_w: int,
+                 columns: ColumnShards | None = None):
+        super().__init__(buffers, columns)
         self.batch = batch
         self.latent_h = latent_h
         self.latent_w = latent_w
@@ -189,6 +202,10 @@ class CausalConv3d(nn.Conv3d):
     with no temporal padding: the two frames before ``x`` come from the stream's history buffer
     (zeros at the start of a stream, i.e. the usual causal zero padding), and the last two frames
     of ``[history, x]`` are written back in place for the next call.
+
+    On a rank of a column split (``state.columns``) the width padding is the halo instead: the
+    neighbouring ranks' edge columns (zeros at the frame's edges), taken before the history is
+    read and written, so the history holds them too and later calls need no second exchange.
     """
 
     def __init__(self, in_channels: int, out_channels: int, spatial_kernel: int = 3):
@@ -200,10 +217,19 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:  # type: ignore[override]
         history = state.buffers[self.cache_slot]
+        halo = self.padding[2] if state.columns is not None else 0
+        if halo:
+            x = state.columns.halo(x, halo)
         # The cat is a transient input to the conv; the cache storage itself never moves.
         window = torch.cat([history, x], dim=2)
         history.copy_(window[:, :, -HISTORY_FRAMES:])
+        if halo:
+            return F.conv3d(window, self.weight, self.bias, self.stride, (0, self.padding[1], 0))
         return super().forward(window)
+
+    def cache_slot_spec(self, level: int) -> CacheSlot:
+        """The history this conv reads at ``level``."""
+        return CacheSlot(self.in_channels, HISTORY_FRAMES, level, halo=self.padding[2])
 
 
 def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
@@ -247,13 +273,16 @@ class ResidualBlock(nn.Module):
 
     def cache_slots(self, level: int) -> list[tuple[CausalConv3d, CacheSlot]]:
         return [
-            (self.conv1, CacheSlot(self.conv1.in_channels, HISTORY_FRAMES, level)),
-            (self.conv2, CacheSlot(self.conv2.in_channels, HISTORY_FRAMES, level)),
+            (self.conv1, self.conv1.cache_slot_spec(level)),
+            (self.conv2, self.conv2.cache_slot_spec(level)),
         ]
 
 
 class MidAttention(nn.Module):
-    """Single-head spatial self-attention inside each frame (no mask, no positions)."""
+    """Single-head spatial self-attention inside each frame (no mask, no positions). On a rank of
+    a column split the queries are its pixels and the keys/values every pixel of the frame
+    (gathered, in the frame's own pixel order, so each query sums over the same keys in the
+    same order as on one rank)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -270,7 +299,19 @@ class MidAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attend_split(self, frames: torch.Tensor, columns: ColumnShards) -> torch.Tensor:
+        n, c, h, w = frames.shape
+        qkv = self.to_qkv(self.norm(frames))  # [N, 3C, h, w]: this rank's columns
+        q = qkv[:, :c].flatten(2).transpose(1, 2).contiguous()  # [N, hw, C]
+        # Columns are the last dim; the level is that of the latent grid (the middle block's).
+        kv = columns.gather(qkv[:, c:], dim=3, level=0)  # [N, 2C, h, W]
+        k, v = kv.flatten(2).transpose(1, 2).contiguous().chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))
+        return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+
+    def forward(self, x: torch.Tensor, columns: ColumnShards | None = None) -> torch.Tensor:
+        if columns is not None:
+            return x + _per_frame(lambda f: self._attend_split(f, columns), x)
         return x + _per_frame(self._attend, x)
 
 
@@ -284,7 +325,7 @@ class MidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
         x = self.resnets[0](x, state)
-        x = self.attentions[0](x)
+        x = self.attentions[0](x, state.columns)
         return self.resnets[1](x, state)
 
     def cache_slots(self, level: int) -> list[tuple[CausalConv3d, CacheSlot]]:
@@ -412,12 +453,18 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
         if self.temporal:
             x = self._double_time(x, state)
-        return _per_frame(self.resample, x)
+        if state.columns is None:
+            return _per_frame(self.resample, x)
+        # A column split: the 3x3 conv after the upsampling reads one upsampled column of each
+        # neighbour (the halo) where one rank pads with zeros.
+        up = state.columns.halo(_per_frame(self.resample[0], x), 1)
+        conv = self.resample[1]
+        return _per_frame(lambda f: F.conv2d(f, conv.weight, conv.bias, conv.stride, (conv.padding[0], 0)), up)
 
     def cache_slots(self, level: int) -> list[tuple[nn.Module, CacheSlot]]:
         if not self.temporal:
             return []
-        return [(self.time_conv, CacheSlot(self.time_conv.in_channels, HISTORY_FRAMES, level))]
+        return [(self.time_conv, self.time_conv.cache_slot_spec(level))]
 
 
 class DownBlock(nn.Module):
@@ -493,11 +540,14 @@ class _StreamingCoder(nn.Module):
         raise NotImplementedError
 
     def allocate_buffers(
-        self, batch: int, height: int, width: int, device, dtype, memory_format=torch.contiguous_format
+        self, batch: int, height: int, width: int, device, dtype, memory_format=torch.contiguous_format,
+        columns: ColumnShards | None = None,
     ) -> list[torch.Tensor]:
-        """Zero-filled history buffers for a stream whose reference grid is ``height x width``."""
+        """Zero-filled history buffers for a stream whose reference grid is ``height x width``
+        (with ``columns``: this rank's columns of it, and their halo)."""
         return [
-            torch.zeros(s.shape(batch, height, width), device=device, dtype=dtype).to(memory_format=memory_format)
+            torch.zeros(s.shape(batch, height, width, columns), device=device, dtype=dtype).to(
+                memory_format=memory_format)
             for s in self.slots
         ]
 
@@ -526,12 +576,12 @@ class Encoder(_StreamingCoder):
         self._assign_cache_slots()
 
     def cache_slots(self) -> list[tuple[nn.Module, CacheSlot]]:
-        slots = [(self.conv_in, CacheSlot(self.conv_in.in_channels, HISTORY_FRAMES, 0))]
+        slots = [(self.conv_in, self.conv_in.cache_slot_spec(0))]
         for i, block in enumerate(self.down_blocks):
             slots += block.cache_slots(-i)
         bottom = -(len(self.down_blocks) - 1)
         slots += self.mid_block.cache_slots(bottom)
-        slots.append((self.conv_out, CacheSlot(self.conv_out.in_channels, HISTORY_FRAMES, bottom)))
+        slots.append((self.conv_out, self.conv_out.cache_slot_spec(bottom)))
         return slots
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
@@ -569,18 +619,37 @@ class Decoder(_StreamingCoder):
         self._assign_cache_slots()
 
     def cache_slots(self) -> list[tuple[nn.Module, CacheSlot]]:
-        slots = [(self.conv_in, CacheSlot(self.conv_in.in_channels, HISTORY_FRAMES, 0))]
+        slots = [(self.conv_in, self.conv_in.cache_slot_spec(0))]
         slots += self.mid_block.cache_slots(0)
         for i, block in enumerate(self.up_blocks):
             slots += block.cache_slots(i)
         top = sum(block.upsampler is not None for block in self.up_blocks)
-        slots.append((self.conv_out, CacheSlot(self.conv_out.in_channels, HISTORY_FRAMES, top)))
+        slots.append((self.conv_out, self.conv_out.cache_slot_spec(top)))
         return slots
 
-    def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
+    @property
+    def tail_start(self) -> int:
+        """The first stage after the last temporal upsampling: from there on every layer is a
+        causal conv with its own history, or works frame by frame."""
+        temporal = [i for i, b in enumerate(self.up_blocks) if b.upsampler is not None and b.upsampler.temporal]
+        return 1 + max(temporal, default=-1)
+
+    def forward(self, x: torch.Tensor, state: CausalState, top_frames: int | None = None) -> torch.Tensor:
+        """``top_frames``: run the stages from :attr:`tail_start` on (the full-resolution ones,
+        where the activations are largest) on that many frames at a time. Each causal conv
+        reads the frames before a slice from its history, as it does between calls, so the
+        result is the same; the activations held at once shrink with the slice."""
         x = self.conv_in(x, state)
         x = self.mid_block(x, state)
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
+            if i == self.tail_start and top_frames is not None and x.shape[2] > top_frames:
+                return torch.cat([self._tail(x[:, :, t : t + top_frames], state)
+                                  for t in range(0, x.shape[2], top_frames)], dim=2)
+            x = block(x, state)
+        return self.conv_out(F.silu(self.norm_out(x)), state)
+
+    def _tail(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
+        for block in self.up_blocks[self.tail_start :]:
             x = block(x, state)
         return self.conv_out(F.silu(self.norm_out(x)), state)
 
@@ -606,8 +675,6 @@ class WanVAE(nn.Module):
         self.quant_conv = nn.Conv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.post_quant_conv = nn.Conv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
-        self.fast_decode: dict[str, bool] = {}  # see enable_fast_decode
-        self._compiled_decoder = None
         # Constants, not weights: kept out of the state dict and always float32 (see _apply).
         self.register_buffer("latents_mean", torch.empty(0), persistent=False)
         self.register_buffer("latents_std", torch.empty(0), persistent=False)
@@ -718,50 +785,47 @@ class WanVAE(nn.Module):
         latent_w: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        columns: ColumnShards | None = None,
     ) -> DecodeState:
-        """Allocate the decoder's history buffers for one rollout (zero-filled, never reallocated)."""
+        """Allocate the decoder's history buffers for one rollout (zero-filled, never reallocated),
+        in ``memory_format`` (the layout of the decoder that will run: see
+        :class:`worldplay.decode_runner.DecodeRunner`). ``columns``: this rank's share of a
+        decode over several ranks (its history holds its columns and their halo only)."""
         ref = self.post_quant_conv.weight
         device = ref.device if device is None else torch.device(device)
         dtype = ref.dtype if dtype is None else dtype
         buffers = self.decoder.allocate_buffers(
-            batch, latent_h, latent_w, device=device, dtype=dtype, memory_format=self._history_layout()
+            batch, latent_h, latent_w, device=device, dtype=dtype, memory_format=memory_format, columns=columns
         )
-        return DecodeState(buffers, batch, latent_h, latent_w)
-
-    def enable_fast_decode(self, compile: bool = True, channels_last: bool = True, graphs: bool = False) -> None:
-        """Speed options for the steady-state decode (same function, different kernels):
-        ``channels_last`` stores conv weights, activations and history buffers as NDHWC, which
-        cuDNN's implicit-GEMM convolutions use natively (no layout transposes);
-        ``compile`` runs the decoder through ``torch.compile`` once a stream is past its first
-        latent (the fresh first call has other shapes and runs eagerly), fusing the RMS norms,
-        SiLUs and residual adds around the convolutions; ``graphs`` (CUDA) captures a stream's
-        first steady call as a CUDA graph and replays it for the later ones (the history
-        buffers never move, so one graph serves the whole stream)."""
-        self.fast_decode = {"compile": compile, "channels_last": channels_last, "graphs": graphs}
-        if channels_last:
-            for module in self.decoder.modules():
-                if isinstance(module, nn.Conv3d):
-                    module.to(memory_format=torch.channels_last_3d)
-        self._compiled_decoder = torch.compile(self.decoder, dynamic=False) if compile else None
-
-    def _history_layout(self) -> torch.memory_format:
-        return torch.channels_last_3d if self.fast_decode.get("channels_last") else torch.contiguous_format
-
-    def disable_fast_decode(self) -> None:
-        """Back to the plain eager, contiguous decoder."""
-        self.fast_decode = {}
-        self._compiled_decoder = None
-        for module in self.decoder.modules():
-            if isinstance(module, nn.Conv3d):
-                module.to(memory_format=torch.contiguous_format)
+        return DecodeState(buffers, batch, latent_h, latent_w, columns)
 
     def decoded_frames(self, num_latents: int, first_latent_done: bool) -> int:
         """Frames produced by decoding ``num_latents`` latents (latent 0 of a stream gives 1)."""
         f = self.config.scale_factor_temporal
         return f * num_latents - (0 if first_latent_done else f - 1)
 
+    def check_decode_input(self, latents: torch.Tensor, state: DecodeState) -> None:
+        """Raise ValueError unless ``latents`` continue the stream ``state`` (batch, grid, device)."""
+        b, _, _, h, w = latents.shape
+        if (b, h, w) != (state.batch, state.latent_h, state.latent_w):
+            raise ValueError(
+                f"latents {tuple(latents.shape)} do not match the decode state "
+                f"(batch {state.batch}, grid {state.latent_h}x{state.latent_w})"
+            )
+        if latents.device != state.buffers[0].device:
+            raise ValueError(f"latents are on {latents.device}, the decode state is on {state.buffers[0].device}")
+
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        state: DecodeState,
+        *,
+        network: nn.Module | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        top_frames: int | None = None,
+    ) -> torch.Tensor:
         """Decode the next ``T`` normalised latents ``[B,z,T,h,w]`` of a stream -> frames
         ``[B,3,T',16h,16w]`` in [-1, 1].
 
@@ -771,51 +835,24 @@ class WanVAE(nn.Module):
 
         The latents are cast to the state's dtype *before* de-normalisation, as HY does (it casts
         to the VAE dtype, bf16, then de-normalises in bf16).
+
+        ``network`` runs in place of ``self.decoder`` (the same function: a runner's compiled
+        copy, or one whose weights are stored in ``memory_format``, the layout of the decoder's
+        activations and history; see :class:`worldplay.decode_runner.DecodeRunner`).
+        ``top_frames``: see ``Decoder.forward`` (the same frames, less memory at once).
+
+        A state of a column split (``state.columns``) decodes this rank's latent columns of
+        ``latents`` (every rank passes the whole latents) into its pixel columns of the frames.
         """
-        b, _, _, h, w = latents.shape
-        if (b, h, w) != (state.batch, state.latent_h, state.latent_w):
-            raise ValueError(
-                f"latents {tuple(latents.shape)} do not match the decode state "
-                f"(batch {state.batch}, grid {state.latent_h}x{state.latent_w})"
-            )
-        buf = state.buffers[0]
-        if latents.device != buf.device:
-            raise ValueError(f"latents are on {latents.device}, the decode state is on {buf.device}")
-        layout = self._history_layout()
-        if not buf.is_contiguous(memory_format=layout):
-            # A state made before fast decode was switched on (or off). In the other layout every
-            # causal conv's [history, x] window needs a transposing copy: at 704x1280 on an H100
-            # that cost 442 ms per chunk against 411 ms. Re-lay the history out once instead.
-            state.relayout(layout)
-            buf = state.buffers[0]
-        if self.fast_decode.get("graphs") and not state.fresh and _graphs_possible(buf):
-            # A graph belongs to one state, one input shape and one decoder setup.
-            key = (id(self), tuple(latents.shape), id(self._compiled_decoder), self.fast_decode.get("channels_last"))
-            if getattr(state, "graph_key", None) != key:
-                state.graph, state.graph_key = self._capture_decode(latents, state), key
-            # The static output is overwritten by the next replay: hand out a copy.
-            return state.graph(latents=latents).clone()
-        return self._decode_call(latents, state)
-
-    def _capture_decode(self, latents: torch.Tensor, state: DecodeState) -> CapturedCall:
-        """A stream's steady call as a CUDA graph (the history buffers never move, so one graph
-        serves the whole stream). The call updates those buffers in place, so the warm-up call
-        would advance the stream: they are saved before it and restored after."""
-        static = {"latents": latents.clone()}
-        saved = [b.clone() for b in state.buffers]
-
-        def restore() -> None:
-            for b, s in zip(state.buffers, saved, strict=True):
-                b.copy_(s)
-
-        return CapturedCall(lambda: self._decode_call(static["latents"], state), static, warmups=1, restore=restore)
-
-    def _decode_call(self, latents: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        self.check_decode_input(latents, state)
+        if state.columns is not None:
+            latents = state.columns.take(latents)
+        if not state.buffers[0].is_contiguous(memory_format=memory_format):
+            state.relayout(memory_format)  # a state laid out for another decoder (values kept)
         buf = state.buffers[0]
         x = self.post_quant_conv(self.denormalize_latents(latents.to(buf.dtype)))
-        if self.fast_decode.get("channels_last"):
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        decoder = self._compiled_decoder if (self._compiled_decoder is not None and not state.fresh) else self.decoder
-        out = decoder(x, state)
+        if memory_format != torch.contiguous_format:
+            x = x.contiguous(memory_format=memory_format)
+        out = (self.decoder if network is None else network)(x, state, top_frames)
         state.fresh = False
         return unpatchify(out, self.patch).clamp_(-1.0, 1.0)

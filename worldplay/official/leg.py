@@ -47,7 +47,6 @@ on ``sys.path`` ahead of the environment's by the launch command (see
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -58,6 +57,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..files import atomic_write_json
+from ..timing import Clock
 
 OFFICIAL_COMMIT = "da2d0c26eb0edb647f56e164ffd966490eb75282"
 STUB_DIR = Path(__file__).resolve().parent / "sageattention_stub"
@@ -237,33 +239,6 @@ def read_official_commit(official_root: str | os.PathLike) -> str | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------
-# timing
-
-
-class _Clock:
-    """CUDA events on a GPU (no synchronisation when marking), perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def ms(self, start, end) -> float:
-        if self.cuda:
-            return float(start.elapsed_time(end))
-        return (end - start) * 1000.0
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
 @dataclass
 class ChunkResult:
     """One chunk of an official rollout.
@@ -311,9 +286,9 @@ class OfficialLeg:
             raise OfficialLegError(LAUNCH_HINT)
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # WORLD_SIZE > 1: one rank of the official sequence-parallel pipeline (every rank builds
+        # this leg; worldplay.experiments.official_leg.ranked_rollout starts them).
         self.world_size = int(os.environ["WORLD_SIZE"])
-        if self.world_size != 1:
-            raise OfficialLegError(f"the official leg runs on one rank; WORLD_SIZE={self.world_size}")
         self.official_root = Path(official_root).resolve()
         self.weights_dir = Path(weights_dir)
         for rel in ("wan_transformer/config.json", "wan_distilled_model/model.pt", "vae/config.json"):
@@ -407,17 +382,17 @@ class OfficialLeg:
     # -- instrumentation -----------------------------------------------------------------
 
     def _install_instrumentation(self) -> None:
-        self._clock = _Clock(self.device)
+        self._clock = Clock(self.device)
         self._forward_marks: list[tuple[bool, Any, Any]] = []
         self._memory_calls: list[tuple[list[int], float]] = []
         pending: list[tuple[bool, Any]] = []
 
         def pre(_module, _args, kwargs):
-            pending.append((bool(kwargs.get("is_cache", False)), self._clock.mark()))
+            pending.append((bool(kwargs.get("is_cache", False)), self._clock.stamp()))
 
         def post(_module, _args, _kwargs, _output):
             is_cache, start = pending.pop()
-            self._forward_marks.append((is_cache, start, self._clock.mark()))
+            self._forward_marks.append((is_cache, start, self._clock.stamp()))
 
         transformer = self.pipe.transformer
         transformer.register_forward_pre_hook(pre, with_kwargs=True)
@@ -534,7 +509,7 @@ class OfficialLeg:
                 torch.cuda.reset_peak_memory_stats(self.device)
             clock.sync()
             w0 = time.perf_counter()
-            e0 = clock.mark()
+            e0 = clock.stamp()
             pipe(
                 **run_args,
                 chunk_i=chunk_i,
@@ -543,15 +518,15 @@ class OfficialLeg:
                 action=actions[start:end].unsqueeze(0),
                 output_type="latent",
             )
-            e1 = clock.mark()
+            e1 = clock.stamp()
             clock.sync()
             w1 = time.perf_counter()
             latents = pipe.ctx["latents"][:, :, start:end].detach().float().cpu().clone()
 
-            decode_marks, videos = [clock.mark()], []
+            decode_marks, videos = [clock.stamp()], []
             for _ in range(4):
                 videos.append(pipe.decode_next_latent(output_type="np"))
-                decode_marks.append(clock.mark())
+                decode_marks.append(clock.stamp())
             clock.sync()
             w2 = time.perf_counter()
             frames = np.concatenate([(v[0] * 255).astype(np.uint8) for v in videos], axis=0)
@@ -596,12 +571,6 @@ def _plain_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def export_weights(
     dit_state_dict: dict[str, torch.Tensor],
     dit_config: dict[str, Any],
@@ -639,7 +608,7 @@ def export_weights(
 
     dcfg = dict(dit_config)
     dcfg.setdefault("_class_name", "WanTransformer3DModel")
-    _atomic_json(paths["dit_config"], dcfg)
+    atomic_write_json(paths["dit_config"], dcfg, sort_keys=True)
     generator = {f"model.{k}": _plain_tensor(v, torch.bfloat16) for k, v in dit_state_dict.items()}
     tmp = paths["model_pt"].with_name("model.pt.tmp")
     torch.save({"generator": generator, "generator_ema": generator}, tmp)
@@ -648,7 +617,7 @@ def export_weights(
 
     vcfg = dict(vae_config)
     vcfg.setdefault("_class_name", "AutoencoderKLWan")
-    _atomic_json(paths["vae_config"], vcfg)
+    atomic_write_json(paths["vae_config"], vcfg, sort_keys=True)
     vstate = (
         vae_module_or_state_dict.state_dict()
         if isinstance(vae_module_or_state_dict, torch.nn.Module)

@@ -6,6 +6,10 @@ Data flow (one direction): ``experiments/results/<name>/<run-id>/`` (committed) 
 :mod:`.pages` (one page per experiment, the experiment index and the model-card fragments) →
 ``docs/generated/`` → ``sphinx-build``. Nothing here needs a GPU or the network.
 
+Text is data: every value from a result, config or manifest becomes Markdown through
+:mod:`.text` (one place, escaping everything), and video manifests are read through
+:mod:`.videos` (one schema, for render and publish).
+
 ``python -m worldplay.site render`` runs it; ``worldplay publish`` (:mod:`.publish`) uploads
 the rollout videos and fills their URLs into the committed video manifests. ``docs/site.toml``
 says which experiments the site requires (their results must be fresh); every other pinned

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -72,7 +73,15 @@ def save_svg(fig: Figure, path: Path) -> Path:
     return path
 
 
+def plain(text: object) -> str:
+    """A label from data (leg, comparison, experiment, pose) for matplotlib: a '$' pair would
+    start mathtext, which raises on anything it cannot parse; ``\\$`` is drawn as a dollar sign.
+    (Tick labels keep mathtext: log axes use it.)"""
+    return str(text).replace("$", r"\$")
+
+
 def _title(text: str, tiny: bool) -> str:
+    text = plain(text)
     return f"{text}\n[{TINY_LABEL}]" if tiny else text
 
 
@@ -105,7 +114,7 @@ def stage_bars(summary: dict, *, title: str, tiny: bool) -> Figure:
             lo = np.array([stats.get(s, {}).get("p10", np.nan) for s in stages], dtype=float)
             hi = np.array([stats.get(s, {}).get("p90", np.nan) for s in stages], dtype=float)
             pos = y - 0.4 + height * (i + 0.5)
-            ax.barh(pos, med, height=height * 0.9, color=colours[leg], label=leg)
+            ax.barh(pos, med, height=height * 0.9, color=colours[leg], label=plain(leg))
             for yy, value, top in zip(pos, med, hi, strict=True):
                 if np.isfinite(value):
                     ax.annotate(f"{value:,.0f}" if value >= 100 else f"{value:.3g}",
@@ -139,7 +148,7 @@ def chunk_lines(chunks: pd.DataFrame, summary: dict, *, warmup_chunks: int, titl
                     ax.plot(rep["chunk"], rep["ms"], color=colours[leg], alpha=0.25, linewidth=0.8)
                 med = mine.groupby("chunk", sort=True)["ms"].median()
                 ax.plot(med.index, med.values, color=colours[leg], marker="o", markersize=3, linewidth=1.6,
-                        label=leg)
+                        label=plain(leg))
             if warmup_chunks:
                 ax.axvspan(-0.5, warmup_chunks - 0.5, color="#999999", alpha=0.12, linewidth=0)
             ax.set_title(label, loc="left")
@@ -173,11 +182,11 @@ def drift_curves(frames: pd.DataFrame, chunks: pd.DataFrame, *, title: str, tiny
         ax_f, ax_c = fig.subplots(1, 2, width_ratios=[1.6, 1])
         for comp in comparisons:
             f = frames[frames["comparison"] == comp].sort_values("frame")
-            ax_f.plot(f["frame"], f["mean_abs_diff"], color=colours[comp], linewidth=1.2, label=comp)
+            ax_f.plot(f["frame"], f["mean_abs_diff"], color=colours[comp], linewidth=1.2, label=plain(comp))
             c = chunks[chunks["comparison"] == comp].sort_values("chunk")
             if "latent_rel_error" in c:
                 ax_c.plot(c["chunk"], c["latent_rel_error"], color=colours[comp], marker="o", markersize=3,
-                          linewidth=1.2, label=comp)
+                          linewidth=1.2, label=plain(comp))
         first = frames[frames["comparison"] == comparisons[0]]
         starts = first.groupby("chunk")["frame"].min().sort_index().tolist()[1:]
         for s in starts:
@@ -263,7 +272,7 @@ def trajectory_figure(c2w: np.ndarray, *, latents_per_chunk: int, title: str) ->
         ax_a.set_ylim(min(-10.0, float(yaw.min()), float(pitch.min())) - 2, max(10.0, float(yaw.max()), float(pitch.max())) + 2)
         ax_a.legend(loc="best", fontsize=7)
         ax_a.set_title("heading per latent", loc="left", fontsize=9)
-        fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+        fig.suptitle(plain(title), x=0.01, ha="left", fontsize=10)
     return fig
 
 
@@ -308,6 +317,53 @@ def memory_rows(viewmats: np.ndarray, num_chunk: int, seed: int, latents_per_chu
     return rows
 
 
+RECENT_LATENTS = 12  # memory from chunk 4 on: the 12 most recent latents plus one 4-latent clip
+
+
+def _latent(value: Any, below: int) -> int | None:
+    """A recorded latent index (result files are input: anything else is dropped)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < below
+    return value if ok else None
+
+
+def _recorded_row(chunk: int, indices: list[int], clip: int | None, latents_per_chunk: int) -> MemoryRow:
+    cur = chunk * latents_per_chunk
+    indices = sorted({i for i in indices if _latent(i, cur) is not None})
+    clip = _latent(clip, cur)
+    # Without a clip (chunks 1-3) every index is history, none is recent context (as select_memory).
+    retrieved = [] if clip is None else [i for i in indices if clip <= i < clip + latents_per_chunk]
+    context = [] if clip is None else [i for i in indices if i not in retrieved]
+    return MemoryRow(chunk=chunk, indices=list(indices), context=context,
+                     retrieved=retrieved, chosen_start=clip, candidate_starts=[], candidate_scores=[])
+
+
+def recorded_memory_rows(indices: dict[str, list[int]], clips: dict[str, int | None], num_chunk: int,
+                         latents_per_chunk: int = 4) -> list[MemoryRow]:
+    """The selections a run recorded (its summary's ``memory_indices``: chunk -> attended
+    latents), with the recorded clip starts marking the retrieved clip."""
+    rows = []
+    for c in range(num_chunk):
+        got = indices.get(str(c))
+        rows.append(_recorded_row(c, got if isinstance(got, list) else [], clips.get(str(c)), latents_per_chunk))
+    return rows
+
+
+def memory_rows_from_clips(clips: dict[str, int | None], num_chunk: int, latents_per_chunk: int = 4) -> list[MemoryRow]:
+    """The selections of a run that recorded only its retrieved clip starts (results before the
+    indices were recorded): chunks 1-3 attend every earlier latent, later chunks the 12 most
+    recent plus the recorded clip (the selection rule, worldplay.memory_select)."""
+    rows = []
+    for c in range(num_chunk):
+        cur = c * latents_per_chunk
+        clip = _latent(clips.get(str(c)), cur)
+        if clip is None:
+            indices = list(range(cur))
+        else:
+            indices = sorted({*range(cur - RECENT_LATENTS, cur), *range(clip, clip + latents_per_chunk)})
+        rows.append(_recorded_row(c, indices, clip, latents_per_chunk))
+    return rows
+
+
 def memory_map(rows: list[MemoryRow], *, latents_per_chunk: int, title: str) -> Figure:
     """Chunk x latent grid: which earlier latents each chunk attends to, and why."""
     num_chunk = len(rows)
@@ -339,7 +395,7 @@ def memory_map(rows: list[MemoryRow], *, latents_per_chunk: int, title: str) -> 
                             fontsize=6.5, color="black")
         fig.legend(handles=[Patch(facecolor=c, edgecolor="#bbbbbb", label=label) for label, c in MEMORY_CATEGORIES],
                    loc="outside lower center", ncols=3, fontsize=7.5)
-        ax.set_title(title, loc="left")
+        ax.set_title(plain(title), loc="left")
     return fig
 
 
@@ -349,8 +405,51 @@ __all__ = [
     "drift_curves",
     "memory_map",
     "memory_rows",
+    "memory_rows_from_clips",
+    "recorded_memory_rows",
     "save_svg",
     "stage_bars",
     "svg_bytes",
     "trajectory_figure",
 ]
+
+
+# ------------------------------------------------------------------------------------------
+# interactive
+
+
+def frame_arrivals(frames: pd.DataFrame, summary: dict, *, title: str, tiny: bool) -> Figure:
+    """Frames over time of a played world: when each arrived (dots) and was shown (line), the
+    stalls shaded, each key change as a dashed line at the time it was sent."""
+    with style():
+        fig = new_figure(7.2, 3.4)
+        ax = fig.add_subplot()
+        n = np.arange(len(frames))
+        shown = frames["shown_s"].to_numpy(dtype=float)
+        arrived = frames["arrived_s"].to_numpy(dtype=float)
+        ax.plot(shown, n, color=PALETTE[0], lw=1.2, label="shown (16 fps playback)")
+        ax.plot(arrived, n, ".", color=PALETTE[1], ms=2.5, label="arrived")
+        stalled = frames["stall"].astype(str).str.lower().eq("true").to_numpy()
+        for i in np.flatnonzero(stalled):
+            ax.axvspan(shown[i - 1], shown[i], color=PALETTE[3], alpha=0.18, lw=0)
+        target = summary.get("target_fps") or 16
+        steady = frames.index[frames["chunk"] >= 1]
+        if len(steady):
+            t0, i0 = shown[steady[0]], steady[0]
+            # Where the steady frames would have been shown at the target rate, with no stall.
+            ax.plot([t0, t0 + (len(frames) - 1 - i0) / target], [i0, len(frames) - 1], ":", color="#555555",
+                    lw=0.8, label=f"{target:g} fps from chunk 1, no stall")
+        top = len(frames)
+        for change in summary.get("latency", []):
+            ax.axvline(change["sent_s"], color=PALETTE[2], ls="--", lw=0.8)
+            ax.annotate(plain("+".join(change["keys"]) or "release"), (change["sent_s"], top), xytext=(2, -2),
+                        textcoords="offset points", fontsize=6.5, color=PALETTE[2], va="top", rotation=90)
+        handles, labels = ax.get_legend_handles_labels()
+        if stalled.any():
+            handles.append(Patch(color=PALETTE[3], alpha=0.18))
+            labels.append("stall")
+        ax.set_xlabel("seconds since the world started")
+        ax.set_ylabel("frame")
+        ax.legend(handles, labels, loc="lower right", fontsize=7)
+        ax.set_title(_title(title, tiny), loc="left")
+    return fig

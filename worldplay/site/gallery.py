@@ -13,12 +13,12 @@ rollout results), never written by hand.
 
 from __future__ import annotations
 
-import html
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from . import TINY_LABEL, SiteError
+from .text import Markdown, code, code_block, escape, html_attribute, join, md
 
 _BAD_URL_CHARS = re.compile(r"[\s\"'<>`\\\x00-\x1f\x7f]")
 
@@ -67,65 +67,63 @@ def planned_cards(config, *, pose_slug) -> list[VideoCard]:
 
 
 def cards_from_manifest(entries: list[dict], *, experiment: str, tiny: bool) -> list[VideoCard]:
-    """Validate the entries of one ``videos.json`` and turn them into cards."""
+    """Cards of the entries of one ``videos.json`` (checked by
+    :func:`worldplay.site.videos.check_video_manifest` when it was read); a URL that is not https
+    is refused here, naming the video."""
     cards = []
-    for i, e in enumerate(entries):
-        what = f"experiment '{experiment}', video '{e.get('id', f'#{i}')}'"
-        missing = [k for k in ("id", "file", "sha256", "frames", "fps", "resolution", "url") if k not in e]
-        if missing:
-            raise SiteError(f"{what}: manifest entry lacks {', '.join(missing)}")
-        url = e["url"] or ""
+    for e in entries:
+        what = f"experiment '{experiment}', video {e['id']!r}"
+        url = e["url"]
         if url:
             check_https_url(url, what)
         h, w = e["resolution"]
         cards.append(VideoCard(id=e["id"], experiment=experiment, run_id=e.get("run_id", ""),
-                               input=e.get("input", ""), pose=e.get("pose", ""), frames=int(e["frames"]),
-                               fps=float(e["fps"]), resolution=(int(h), int(w)), sha256=e["sha256"],
-                               bytes=int(e.get("bytes", 0)), url=url, tiny=tiny))
+                               input=e.get("input", ""), pose=e.get("pose", ""), frames=e["frames"],
+                               fps=float(e["fps"]), resolution=(h, w), sha256=e["sha256"],
+                               bytes=e.get("bytes", 0), url=url, tiny=tiny))
     return cards
 
 
-def _card(card: VideoCard) -> str:
-    title = f"{card.input} · `{card.pose}`" if card.input else card.id
+def _card(card: VideoCard) -> Markdown:
+    title = md("{} · {}", card.input, code(card.pose)) if card.input else escape(card.id)
     h, w = card.resolution
-    footer = f"{card.experiment} · {card.frames} frames at {card.fps:g} fps · {h}×{w}"
-    footer += f" · sha256 `{card.sha256[:12]}`" if card.sha256 else ""
+    footer = [md("{} · {} frames at {:g} fps · {}×{}", card.experiment, card.frames, card.fps, h, w)]
+    if card.sha256:
+        footer.append(md(" · sha256 {}", code(card.sha256[:12])))
     if card.tiny:
-        footer += f" · **{TINY_LABEL}**"
+        footer.append(md(" · **{}**", TINY_LABEL))
     if card.hosted:
-        src = html.escape(card.url, quote=True)
-        label = html.escape(f"{card.id} ({card.experiment})", quote=True)
-        body = (
-            "```{raw} html\n"
+        src = html_attribute(card.url)
+        label = html_attribute(f"{card.id} ({card.experiment})")
+        body = code_block(
             f'<video class="wp-video" controls preload="none" playsinline width="100%" src="{src}" '
-            f'title="{label}">Your browser cannot play this video: <a href="{src}">download the MP4</a>.</video>\n'
-            "```\n"
-        )
+            f'title="{label}">Your browser cannot play this video: <a href="{src}">download the MP4</a>.</video>',
+            "{raw} html")
         classes = "wp-video-card wp-hosted"
     elif card.planned:
-        body = (f"**Not yet run.** `{card.experiment}` has no result yet; this video appears once it has run and "
-                "been published.\n")
+        body = md("**Not yet run.** {} has no result yet; this video appears once it has run and been published.\n",
+                  code(card.experiment))
         classes = "wp-video-card wp-not-hosted wp-not-run"
     else:
-        body = ("**Not hosted yet.** The MP4 exists only where it was rendered; `worldplay publish` uploads it "
-                "and fills in its URL.\n")
+        body = Markdown("**Not hosted yet.** The MP4 exists only where it was rendered; `worldplay publish` uploads "
+                        "it and fills in its URL.\n")
         classes = "wp-video-card wp-not-hosted"
-    return (f"::::{{grid-item-card}} {title}\n:class-card: {classes}\n:shadow: sm\n\n{body}\n"
-            f":::{{card-footer}}\n{footer}\n:::\n::::\n")
+    return md("::::{{grid-item-card}} {}\n:class-card: {}\n:shadow: sm\n\n{}\n:::{{card-footer}}\n{}\n:::\n::::\n",
+              title, Markdown(classes), body, join("", footer))
 
 
-def gallery_markdown(cards: list[VideoCard]) -> str:
+def gallery_markdown(cards: list[VideoCard]) -> Markdown:
     """A sphinx-design grid of video cards (or a sentence saying there are none yet)."""
     if not cards:
-        return ("No rollout results yet: the gallery fills in from the video manifests of the rollout "
-                "experiments (`nox -s rollouts`).\n")
+        return Markdown("No rollout results yet: the gallery fills in from the video manifests of the rollout "
+                        "experiments (`nox -s rollouts`).\n")
     hosted = sum(c.hosted for c in cards)
     planned = sum(c.planned for c in cards)
     made = len(cards) - planned
-    head = (f"{made} videos, {hosted} hosted, {made - hosted} not hosted yet" if made else "No videos yet")
-    head += f"; {planned} planned, not yet run.\n\n" if planned else ".\n\n"
-    body = "\n".join(_card(c) for c in cards)
-    return f"{head}:::::{{grid}} 1 2 2 3\n:gutter: 3\n:class-container: wp-gallery\n\n{body}:::::\n"
+    head = md("{} videos, {} hosted, {} not hosted yet", made, hosted, made - hosted) if made else Markdown("No videos yet")
+    head += md("; {} planned, not yet run.\n\n", planned) if planned else Markdown(".\n\n")
+    body = join("\n", [_card(c) for c in cards])
+    return md("{}:::::{{grid}} 1 2 2 3\n:gutter: 3\n:class-container: wp-gallery\n\n{}:::::\n", head, body)
 
 
 __all__ = ["VideoCard", "cards_from_manifest", "check_https_url", "gallery_markdown", "planned_cards"]

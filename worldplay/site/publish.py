@@ -6,11 +6,18 @@ the video folder recorded in the run's provenance, else ``runs/videos``) and che
 the manifest's sha256; it is copied to ``<to>/<file>`` with fsspec (skipped when an identical
 copy is already there), read back and verified by sha256. Only when every video of a manifest
 is in place and verified is the manifest rewritten (atomically) with
-``url = <base-url>/<file>``. Any mismatch stops with an error and leaves the manifest as it was.
+``url = <base-url>/<file>``, and the result's digest manifest updated to match. Any mismatch
+stops with an error and leaves the manifest as it was. The manifest is read with the site's
+loader (:func:`worldplay.site.videos.load_video_manifest`: ids unique, every field typed), and
+the result folder must verify against its digests first, so publish never rewrites a result
+that was edited after its run.
 
 The target can be anything fsspec writes to: a plain path or ``file:///...`` (tests, a folder
 served by a web server), ``s3://...``, ``gcs://...``, ``hf://...`` with the matching fsspec
-backend installed. ``--base-url`` must be the https URL under which the target is served.
+backend installed; ``--endpoint-url`` points an ``s3://`` target at an S3-compatible server
+(MinIO, Ceph, R2, a local test server). ``--base-url`` must be the https URL under which the
+target is served (a CDN or the bucket's public https address): only https URLs reach the
+manifest, so a local endpoint's own ``http://`` address is never written there.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..files import sha256_file
 from . import SiteError
 from .gallery import check_https_url
+from .videos import load_video_manifest
 
 CHUNK = 1 << 20
 
@@ -46,11 +55,6 @@ def _sha256_stream(fh) -> str:
     while block := fh.read(CHUNK):
         h.update(block)
     return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return _sha256_stream(fh)
 
 
 def manifests(results_root: Path, experiments_dir: Path, names: list[str] | None) -> list[Path]:
@@ -86,30 +90,34 @@ def video_dirs(result_dir: Path, explicit: Path | None) -> list[Path]:
         recorded = Path(prov.get("options", {}).get("video_dir") or "")
         if str(recorded) not in ("", "."):
             dirs.append(recorded if recorded.is_absolute() else Path(prov.get("cwd") or ".") / recorded)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError, TypeError):  # no usable record: the defaults
         pass
     dirs += [REPO_ROOT / "runs" / "videos", Path.cwd() / "runs" / "videos"]
     return list(dict.fromkeys(dirs))
 
 
 def publish_manifest(manifest: Path, to: str, base_url: str, *, video_dir: Path | None = None,
-                     log=print) -> list[Published]:
-    """Upload every video of one manifest, verify it, then fill the URLs in (atomically)."""
+                     log=print, storage_options: dict[str, Any] | None = None) -> list[Published]:
+    """Upload every video of one manifest, verify it, then fill the URLs in (atomically) and
+    update the result's digests."""
     import fsspec
 
+    from ..experiments.results import ResultError, verify_result, write_digests
     from ..media import atomic_write_json
 
     base_url = check_https_url(base_url.rstrip("/"), "--base-url")
-    entries: list[dict[str, Any]] = json.loads(manifest.read_text(encoding="utf-8"))
-    fs, root = fsspec.core.url_to_fs(to)
+    try:
+        config_hash = verify_result(manifest.parent).config_hash
+    except ResultError as exc:
+        raise PublishError(f"{manifest}: its result does not verify, so it is not published: {exc}") from None
+    entries: list[dict[str, Any]] = load_video_manifest(manifest)
+    fs, root = fsspec.core.url_to_fs(to, **(storage_options or {}))
     root = root.rstrip("/")
     dirs = video_dirs(manifest.parent, video_dir)
     done = []
     for entry in entries:
-        what = f"experiment '{entry.get('experiment')}', video '{entry.get('id')}'"
-        rel = entry["file"]
-        if rel.startswith("/") or ".." in Path(rel).parts:
-            raise PublishError(f"{what}: manifest file {rel!r} must be a relative path inside the video folder")
+        what = f"experiment '{entry.get('experiment', manifest.parent.parent.name)}', video {entry['id']!r}"
+        rel = entry["file"]  # a relative path inside the video folder (checked by the loader)
         local = next((d / rel for d in dirs if (d / rel).is_file()), None)
         if local is None:
             raise PublishError(f"{what}: {rel} is not in any of {', '.join(map(str, dirs))}; pass --video-dir")
@@ -130,10 +138,11 @@ def publish_manifest(manifest: Path, to: str, base_url: str, *, video_dir: Path 
         url = f"{base_url}/{quote(rel)}"
         check_https_url(url, what)
         done.append(Published(id=entry["id"], url=url, uploaded=uploaded))
-        log(f"{entry['id']}: {'uploaded' if uploaded else 'already there'}, sha256 verified -> {url}")
-    by_id = {p.id: p.url for p in done}
-    updated = [{**e, "url": by_id[e["id"]]} for e in entries]
+        log(f"{entry['id']!r}: {'uploaded' if uploaded else 'already there'}, sha256 verified -> {url}")
+    # Entry by entry, in order (ids are unique, but nothing here depends on that).
+    updated = [{**e, "url": p.url} for e, p in zip(entries, done, strict=True)]
     atomic_write_json(manifest, updated)
+    write_digests(manifest.parent, config_hash)  # the manifest changed: so do its digests
     return done
 
 
@@ -153,6 +162,8 @@ def add_publish_command(sub) -> None:
                    help="target folder: a path, file:///..., s3://bucket/prefix, ... (fsspec)")
     p.add_argument("--base-url", required=True, metavar="HTTPS_URL",
                    help="the https URL under which the target folder is served")
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="the S3-compatible server of an s3:// target (MinIO, R2, ...; default: AWS)")
     p.add_argument("--experiment", action="append", metavar="NAME",
                    help="publish this rollouts experiment's latest result (repeatable; default: every one with videos)")
     p.add_argument("--video-dir", type=Path, default=None,
@@ -174,7 +185,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise PublishError(f"no video manifests under {results_root}; run a rollouts experiment first")
         total = 0
         for path in paths:
-            total += len(publish_manifest(path, args.to, args.base_url, video_dir=args.video_dir))
+            options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
+            total += len(publish_manifest(path, args.to, args.base_url, video_dir=args.video_dir,
+                                          storage_options=options))
             print(f"updated {path}")
     except (SiteError, OSError) as exc:
         print(f"worldplay publish: error: {exc}", file=sys.stderr)

@@ -11,4 +11,4 @@ from ..schema import KINDS
 def kind_runner(kind: str) -> Callable:
     if kind not in KINDS:
         raise ValueError(f"unknown experiment kind {kind!r}; choose one of {list(KINDS)}")
-    return importlib.import_module(f"{__name__}.{kind}").run
+    return importlib.import_module(f"{__name__}.{kind.replace('-', '_')}").run  # per-input -> per_input

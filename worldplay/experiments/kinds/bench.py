@@ -26,12 +26,14 @@ from ..legs import (
     native_rollout,
     peak_memory,
     pipelined_native_rollout,
+    predicted_memory,
     prepare_image,
     prompt_for,
+    ranked_native_rollout,
     text_states,
     trajectory_for,
 )
-from ..schema import OFFICIAL_LEG, PIPELINED_LEGS, BenchConfig
+from ..schema import OFFICIAL_LEG, OFFICIAL_RANKED_LEGS, PIPELINED_LEGS, RANKED_LEGS, BenchConfig, ranks_of
 from ..stats import summarize
 
 log = logging.getLogger(__name__)
@@ -55,27 +57,44 @@ def run(ctx: RunContext) -> KindOutput:
     legs: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {"image": image_identity, "text": {**text_identity, "prompt_source": prompt_source},
                                   "trajectory": trajectory.source}
-    native = [name for name in cfg.legs if name != OFFICIAL_LEG and name not in PIPELINED_LEGS]
-    pipelined = [name for name in cfg.legs if name in PIPELINED_LEGS]
+    # Legs of several processes (the two-GPU pipeline, N ranks) load their own models.
+    pipelined = [name for name in cfg.legs if name in PIPELINED_LEGS or name in RANKED_LEGS]
+    official_ranked = [name for name in cfg.legs if name in OFFICIAL_RANKED_LEGS]
+    native = [name for name in cfg.legs if name != OFFICIAL_LEG and name not in pipelined + official_ranked]
     models = None
-    if native or OFFICIAL_LEG in cfg.legs:
+    if native or cfg.needs_official:
         models = load_models(cfg.weights, cfg.preset, ctx.device, provenance)
     for name in native + pipelined:
-        legs[name] = {"status": "ok", "kind": "native", "settings": native_leg(name, ctx.device.type).describe(cfg),
-                      "peak_memory": {}, "rollout_wall_s": []}
+        leg = native_leg(name, ctx.device.type)
+        legs[name] = {"status": "ok", "kind": "native", "settings": leg.describe(cfg), "peak_memory": {},
+                      "rollout_wall_s": []}
+        if name not in PIPELINED_LEGS:  # one device, or one GPU of N ranks (the pipeline's two differ)
+            legs[name]["memory_plan"] = predicted_memory(leg, cfg)
     for rep in range(cfg.repetitions):
         for name in native:
+            if legs[name]["status"] != "ok":
+                continue
             accel: dict = {}
-            stream = native_rollout(models, native_leg(name, ctx.device.type), cfg, image_path, text, trajectory,
+            leg = native_leg(name, ctx.device.type)
+            stream = native_rollout(models, leg, cfg, image_path, text, trajectory,
                                     ctx.device, desc=f"{name} rep {rep + 1}/{cfg.repetitions}",
                                     progress=ctx.progress, accel_out=accel)
-            with peak_memory(ctx.device) as peak:
-                _record_rollout(legs[name], timings[name], rep, stream, accel)
+            try:
+                with peak_memory(ctx.device) as peak:
+                    _record_rollout(legs[name], timings[name], rep, stream, accel)
+            except torch.OutOfMemoryError as exc:
+                if leg.memory_cap_gib is None:
+                    raise
+                # A mode that does not fit its card is a result, not the end of the bench.
+                stream.close()
+                legs[name].update(status="out of memory", error=f"under the {leg.memory_cap_gib} GiB cap: "
+                                                                f"{str(exc).splitlines()[0]}")
+                timings.pop(name, None)
             _merge_peak(legs[name]["peak_memory"], peak)
             _free(ctx.device)  # the next leg starts from an empty cache (fragmentation caused OOMs)
 
     official_weights = None
-    if OFFICIAL_LEG in cfg.legs and not ctx.skip_official:
+    if cfg.needs_official and not ctx.skip_official:
         from .. import official_leg
 
         official_weights = official_leg.weights_dir(models, cfg, ctx.scratch)
@@ -84,17 +103,34 @@ def run(ctx: RunContext) -> KindOutput:
     _free(ctx.device)
     for rep in range(cfg.repetitions):
         for name in pipelined:
-            accel = {}
-            stream = pipelined_native_rollout(cfg.weights, native_leg(name, ctx.device.type), cfg, image_path, text,
-                                              trajectory, accel_out=accel)
+            accel, memory, traffic = {}, {}, {}
+            leg = native_leg(name, ctx.device.type)
+            if name in RANKED_LEGS:
+                stream = ranked_native_rollout(cfg.weights, leg, cfg, image_path, text, trajectory, accel_out=accel,
+                                               memory_out=memory, traffic_out=traffic)
+            else:
+                stream = pipelined_native_rollout(cfg.weights, leg, cfg, image_path, text, trajectory,
+                                                  accel_out=accel, memory_out=memory)
             _record_rollout(legs[name], timings[name], rep, stream, accel)
-            legs[name]["devices"] = ["cuda:0 (DiT)", "cuda:1 (VAE decode)"]
+            legs[name]["ranks"] = ranks_of(name)
+            legs[name]["devices"] = (list(memory) if name in RANKED_LEGS
+                                     else ["cuda:0 (DiT)", "cuda:1 (VAE decode)"])
+            if traffic:
+                legs[name]["traffic_bytes"] = traffic  # per rank, every chunk of the rollout
+            for rank, peak in memory.items():  # per rank: each process measures its own device
+                _merge_peak(legs[name]["peak_memory"].setdefault(rank, {}), peak)
     if OFFICIAL_LEG in cfg.legs:
         if ctx.skip_official:
-            legs[OFFICIAL_LEG] = {"status": "skipped", "reason": "--skip-official: no official checkout on this run"}
+            legs[OFFICIAL_LEG] = {"status": "skipped", "reason": _skip_reason(ctx)}
         else:
             legs[OFFICIAL_LEG] = _run_official(ctx, cfg, official_weights, image_path, text, trajectory, timings,
                                                provenance)
+    for name in official_ranked:  # after the one-process official leg, in processes of their own
+        if ctx.skip_official:
+            legs[name] = {"status": "skipped", "reason": _skip_reason(ctx)}
+        else:
+            legs[name] = _run_official_ranked(ctx, cfg, name, official_weights, image_path, text, trajectory,
+                                              timings)
     _free(ctx.device)
 
     rows = []
@@ -114,7 +150,7 @@ def run(ctx: RunContext) -> KindOutput:
         "stage_definitions": {
             "prefill": "memory K/V prefill forward", "steps": "the 4 denoising forwards",
             "dit": "prefill + steps (+ kv_move in reuse mode)", "decode": "VAE decode of the chunk's 4 latents",
-            "total": "dit + decode; two-GPU legs: pipelined", "kv_move": "reuse mode: moving and re-rotating "
+            "total": "dit + decode (N-rank legs: timed on rank 0); two-GPU legs: pipelined", "kv_move": "reuse mode: moving and re-rotating "
             "the kept memory K/V", "interval": "two-GPU legs: time between consecutive chunks' frames reaching "
             "the host", "sent_interval": "two-GPU legs: time between consecutive chunks' latents leaving GPU 0",
             "pipelined": "two-GPU legs: max(interval, sent_interval), the sustained time per chunk",
@@ -156,6 +192,12 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _skip_reason(ctx) -> str:
+    from ..runner import SKIPPED_BY_FLAG
+
+    return ctx.official_skip_reason or SKIPPED_BY_FLAG
+
+
 def _run_official(ctx, cfg, weights, image_path, text, trajectory, timings, provenance) -> dict[str, Any]:
     from .. import official_leg
     from ..provenance import official_checkout
@@ -174,6 +216,25 @@ def _run_official(ctx, cfg, weights, image_path, text, trajectory, timings, prov
         out["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
         _merge_peak(out["peak_memory"], peak)
     runner.close()
+    return out
+
+
+def _run_official_ranked(ctx, cfg, name, weights, image_path, text, trajectory, timings) -> dict[str, Any]:
+    from .. import official_leg
+
+    ranks = ranks_of(name)
+    out: dict[str, Any] = {"status": "ok", "kind": "official", "ranks": ranks, "settings": {"compile": cfg.official_compile},
+                           "peak_memory": {}, "rollout_wall_s": []}
+    for rep in range(cfg.repetitions):
+        t0 = time.perf_counter()
+        peaks: dict = {}
+        for chunk in official_leg.ranked_rollout(ctx.official_root, weights, cfg, image_path, text, trajectory,
+                                                 ranks=ranks, compile=cfg.official_compile, peaks_out=peaks):
+            timings[name].append((rep, _light(chunk)))
+        out["rollout_wall_s"].append(round(time.perf_counter() - t0, 3))
+        for rank, peak in peaks.items():
+            _merge_peak(out["peak_memory"].setdefault(rank, {}), peak)
+        out["devices"] = list(peaks)
     return out
 
 
@@ -199,6 +260,9 @@ def _leg_summary(items: list[tuple[int, LegChunk]], cfg: BenchConfig, flops, rat
         "cold_chunk0_ms": {s: round(first.timings_ms[s], 3) for s in ("dit", "decode", "total")},
         "achieved": achieved,
         "retrieved_clips": {str(c.index): c.retrieved_clip for rep, c in items if rep == 0 and c.index >= 4},
+        # the latents each chunk attended to, as the run selected them (the site plots these)
+        "memory_indices": {str(c.index): c.memory_indices for rep, c in items
+                           if rep == 0 and c.memory_indices is not None},
     }
 
 

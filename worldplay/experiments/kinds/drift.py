@@ -46,5 +46,8 @@ def run(ctx: RunContext) -> KindOutput:
         "legs": legs,
         "retrieved_clips": {name: {str(c.index): c.retrieved_clip for c in chunks if c.index >= 4}
                             for name, chunks in outputs.items()},
+        # the latents each chunk attended to, as each leg selected them (the site plots these)
+        "memory_indices": {name: {str(c.index): c.memory_indices for c in chunks if c.memory_indices is not None}
+                           for name, chunks in outputs.items()},
     }
     return KindOutput(summary=summary, chunk_rows=chunk_rows, frame_rows=frame_rows, provenance=provenance)

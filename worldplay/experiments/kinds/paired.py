@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from ...constants import CHUNK_LATENTS, MEMORY_SLOTS
 from ..context import RunContext
-from ..flops import CHUNK_LATENTS, MEMORY_SLOTS
 from ..legs import (
     LegChunk,
     native_leg,
@@ -19,9 +19,11 @@ from ..legs import (
     peak_memory,
     prepare_image,
     prompt_for,
+    ranked_native_rollout,
     text_states,
     trajectory_for,
 )
+from ..schema import ranks_of
 from ..stats import summarize
 
 STEADY_FROM = MEMORY_SLOTS // CHUNK_LATENTS  # chunk 4: the first with a full memory
@@ -49,6 +51,13 @@ def prepare(ctx: RunContext) -> PairedInputs:
 def run_native(ctx: RunContext, name: str, models, inputs: PairedInputs) -> tuple[list[LegChunk], dict[str, Any]]:
     leg = native_leg(name, ctx.device.type)
     t0 = time.perf_counter()
+    if ranks_of(name) > 1:  # N ranks in processes of their own, each loading the weights
+        memory: dict = {}
+        chunks = list(ranked_native_rollout(ctx.config.weights, leg, ctx.config, inputs.image_path, inputs.text,
+                                            inputs.trajectory, keep_frames=True, memory_out=memory))
+        return chunks, {"kind": "native", "ranks": ranks_of(name), "settings": leg.describe(ctx.config),
+                        "peak_memory": memory, "rollout_wall_s": round(time.perf_counter() - t0, 3),
+                        "timings": timing_summary(chunks)}
     with peak_memory(ctx.device) as peak:
         chunks = list(native_rollout(models, leg, ctx.config, inputs.image_path, inputs.text, inputs.trajectory,
                                      ctx.device, desc=name, progress=ctx.progress))

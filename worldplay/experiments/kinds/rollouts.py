@@ -10,12 +10,12 @@ seeded random prompt embeddings stand in (the caption is recorded, not encoded).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from tqdm import tqdm
 
 from ...media import VideoWriter, video_info
+from ...pose import pose_slug  # one home: the config check refuses poses that share a slug
 from ..context import KindOutput, RunContext
 from ..legs import (
     load_models,
@@ -30,11 +30,6 @@ from ..schema import RolloutsConfig
 from .paired import timing_summary
 
 FPS = 16
-
-
-def pose_slug(pose: str) -> str:
-    """A file-name-safe form of a pose: ``"w-4, right-13"`` -> ``"w-4_right-13"``."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", pose.strip()).strip("_")
 
 
 def run(ctx: RunContext) -> KindOutput:
@@ -92,6 +87,7 @@ def run(ctx: RunContext) -> KindOutput:
         per_video[video_id] = {
             "frames": info["frames"],
             "retrieved_clips": {str(c.index): c.retrieved_clip for c in chunks if c.index >= 4},
+            "memory_indices": {str(c.index): c.memory_indices for c in chunks if c.memory_indices is not None},
             "steady_ms": timing_summary(chunks),
         }
     summary = {
