@@ -120,7 +120,12 @@ def _with_description(toml_text: str) -> str:
 
 def hostile_experiments(dst: Path) -> Path:
     """The hostile experiments folder (pinned configs, inputs.toml, results) under ``dst``."""
-    from worldplay.experiments.results import earlier_result_dirs, latest_earlier_result, latest_result, write_digests
+    from worldplay.experiments.results import (
+        earlier_result_dirs,
+        latest_earlier_result,
+        latest_result,
+        write_digests,
+    )
     from worldplay.experiments.schema import load_config
 
     src = ROOT / "experiments"

@@ -83,12 +83,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    """Write ``text`` to ``path`` atomically (see :func:`~worldplay.files.atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode(encoding))
 
 
 def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
-    """Serialise ``obj`` to JSON and write it atomically (see :func:`atomic_write_text`).
+    """Serialise ``obj`` to JSON and write it atomically (see :func:`~worldplay.files.atomic_write_text`).
 
     Serialisation happens before any file is touched, so an unencodable object leaves the
     existing file untouched and no temp file behind.
