@@ -172,7 +172,7 @@ def run_rollout(name: str, args) -> dict:
     text = random_text_states("wan5b", 0)
     traj = trajectory_from_pose_string(POSE)
     cap = PROFILES[name.removeprefix("lowvram-")].cap_gib if name.startswith("lowvram-") else (
-        32.0 if name == "lean" else None)
+        (args.lean_cap or None) if name == "lean" else None)
     result["cap_gib"] = cap
     torch.cuda.reset_peak_memory_stats()
     chunks = []
@@ -311,6 +311,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", choices=VARIANTS)
     p.add_argument("--attention", default="cudnn")
     p.add_argument("--repetitions", type=int, default=1)
+    p.add_argument("--lean-cap", type=float, default=32.0,
+                   help="the lean variant's cap in GiB (0: none, to see where its peak is when it would not fit)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
@@ -330,7 +332,8 @@ def main() -> int:
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
         t0 = time.perf_counter()
         rc = subprocess.call([sys.executable, __file__, "--out", str(out), "--child", name,
-                              "--attention", args.attention, "--repetitions", str(args.repetitions)], env=env)
+                              "--attention", args.attention, "--repetitions", str(args.repetitions),
+                              "--lean-cap", str(args.lean_cap)], env=env)
         path = out / f"{name}.json"
         res = json.loads(path.read_text()) if path.exists() else {}
         keep = ("error", "alloc_conf", "cap_gib", "rollout_peak_allocated_gib", "rollout_peak_reserved_gib",
