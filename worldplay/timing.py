@@ -39,8 +39,8 @@ class StageTimer:
     """Stage boundaries as CUDA events (GPU) or perf_counter (CPU), read once per chunk.
 
     ``mark(name)`` closes the stage ``name`` that started at the previous mark; nothing
-    synchronises until :meth:`read`, which the rollout calls after the chunk's frames have been
-    copied to the host anyway.
+    synchronises until ``read()``, which the rollout calls after
+    the chunk's frames have been copied to the host anyway.
     """
 
     def __init__(self, device: torch.device):
