@@ -190,6 +190,17 @@ def _leg_timings(stages: dict[str, float]) -> dict[str, float]:
     return t
 
 
+def _leg_chunk(out) -> LegChunk:
+    """A rollout's :class:`~worldplay.rollout.ChunkOutput` as the legs' record: frames on the
+    host, the stage times with ``steps``/``dit`` and ``total`` (the pipelined wall time per chunk
+    where DiT and decode overlap, else their sum), the memory the chunk attended to."""
+    t = _leg_timings(out.timings_ms)
+    t["total"] = t.get("pipelined", t["dit"] + t["decode"])
+    return LegChunk(index=out.index, frames=out.frames.numpy(), latents=out.latents, timings_ms=t,
+                    memory_indices=list(out.memory.indices) if out.memory else None,
+                    retrieved_clip=out.memory.chosen_start if out.memory else None)
+
+
 def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, image_path: Path,
                    text: torch.Tensor, trajectory: Trajectory, device: torch.device, *,
                    desc: str = "", progress: bool = True, accel_out: dict | None = None) -> Iterator[LegChunk]:
@@ -216,16 +227,7 @@ def native_rollout(models: LoadedModels, leg: NativeLeg, cfg: ExperimentConfig, 
         stream = pipe.rollout(image, text, trajectory, settings)
         for out in tqdm(stream, total=cfg.num_chunk, desc=desc or leg.name, unit="chunk", disable=not progress,
                         leave=False):
-            t = _leg_timings(out.timings_ms)
-            t["total"] = t["dit"] + t["decode"]
-            yield LegChunk(
-                index=out.index,
-                frames=out.frames.numpy(),
-                latents=out.latents,
-                timings_ms=t,
-                memory_indices=list(out.memory.indices) if out.memory else None,
-                retrieved_clip=out.memory.chosen_start if out.memory else None,
-            )
+            yield _leg_chunk(out)
     if accel_out is not None:
         accel_out.update(pipe.last_accel_stats.to_dict())
 
@@ -251,11 +253,7 @@ def pipelined_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: Experime
     image = load_image(image_path, width, height)
     pipe = TwoDevicePipeline(functools.partial(_build_for_pipeline, weights, cfg.preset))
     for out in pipe.rollout(image, text, trajectory, leg.settings(cfg), keep_frames=False):
-        t = _leg_timings(out.timings_ms)
-        t["total"] = t.get("pipelined", t["dit"] + t["decode"])
-        yield LegChunk(index=out.index, frames=out.frames.numpy(), latents=out.latents, timings_ms=t,
-                       memory_indices=list(out.memory.indices) if out.memory else None,
-                       retrieved_clip=out.memory.chosen_start if out.memory else None)
+        yield _leg_chunk(out)
     if accel_out is not None:
         accel_out.update(pipe.last_accel_stats.to_dict())
     if memory_out is not None:
@@ -282,11 +280,7 @@ def ranked_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: ExperimentC
     pipe = MultiRankPipeline(functools.partial(_build_for_pipeline, weights, cfg.preset), ranks=ranks,
                              devices=devices, dtype=leg.dtype)
     for out in pipe.rollout(image, text, trajectory, leg.settings(cfg), keep_frames=keep_frames):
-        t = _leg_timings(out.timings_ms)
-        t["total"] = t["dit"] + t["decode"]
-        yield LegChunk(index=out.index, frames=out.frames.numpy(), latents=out.latents, timings_ms=t,
-                       memory_indices=list(out.memory.indices) if out.memory else None,
-                       retrieved_clip=out.memory.chosen_start if out.memory else None)
+        yield _leg_chunk(out)
     if accel_out is not None:
         accel_out.update(pipe.last_accel_stats.to_dict())
     if memory_out is not None:

@@ -175,11 +175,9 @@ def ranked_rollout(root: Path, weights: Path, cfg: ExperimentConfig, image_path:
     rank's peak memory over the rollout (the official leg resets the CUDA peaks per chunk: the
     maximum over its chunks). ``runner_factory(root, weights, device, compile)`` stands in for
     :class:`OfficialRunner` in tests."""
-    import queue as queue_module
-
     import torch.multiprocessing as mp
 
-    from ..ranks.spawn import RanksFailed, _ended, _free_port, default_devices
+    from ..ranks.spawn import _free_port, default_devices, end_workers, receive_record, wait_for_exit
 
     devices = default_devices(ranks) if devices is None else tuple(devices)
     records = mp.get_context("spawn").Queue()
@@ -190,28 +188,17 @@ def ranked_rollout(root: Path, weights: Path, cfg: ExperimentConfig, image_path:
     try:
         received = 0
         while received < cfg.num_chunk or len(ends) < ranks:
-            try:
-                kind, rank, payload = records.get(timeout=0.2)
-            except queue_module.Empty:
-                ended = _ended(workers)
-                if ended is None:
-                    continue
-                raise RanksFailed("the official ranks exited before sending every chunk" if ended == "clean"
-                                  else f"official leg at world size {ranks}: {ended}") from None
-            if kind == "error":
-                raise RanksFailed(f"official leg at world size {ranks}, rank {rank}: {payload}")
+            kind, rank, payload = receive_record(
+                workers, records, lambda rank, line: f"official leg at world size {ranks}, rank {rank}: {line}",
+                name="the official ranks", context=f"official leg at world size {ranks}: ")
             if kind == "end":
                 ends[rank] = payload
             else:
                 received += 1
                 yield payload
-        while (ended := _ended(workers)) is None:
-            pass
+        wait_for_exit(workers)
     finally:
-        for process in workers.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join()
+        end_workers(workers)
     if peaks_out is not None:
         peaks_out.update({f"rank{r} ({devices[r]})": ends[r] for r in sorted(ends)})
 

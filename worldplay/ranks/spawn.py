@@ -79,10 +79,7 @@ class MultiRankPipeline:
         try:
             yield from self._collect(workers, records, settings.num_chunk, tuple(image.shape[-2:]))
         finally:
-            for process in workers.processes:  # an abandoned stream or a failure: end the ranks
-                if process.is_alive():
-                    process.terminate()
-                    process.join()
+            end_workers(workers)  # an abandoned stream or a failure: end the ranks
 
     def _collect(self, workers, records, num_chunk: int, size: tuple[int, int]) -> Iterator[ChunkOutput]:
         ends: dict[int, dict] = {}
@@ -104,29 +101,53 @@ class MultiRankPipeline:
         self.last_accel_stats = AccelStats(**ends[0]["accel"])
         self.last_peaks = {f"rank{r} ({self.devices[r]})": ends[r]["peak"] for r in sorted(ends)}
         self.last_traffic = {f"rank{r}": ends[r]["traffic"] for r in sorted(ends)}
-        while (ended := _ended(workers)) is None:
-            time.sleep(0.05)
-        if ended != "clean":
-            raise RanksFailed(ended)
+        wait_for_exit(workers)
 
-    def _receive(self, workers, records) -> tuple[str, int, dict]:
-        """The next record; an error record, or a rank that ended without sending one, raises."""
-        while True:
-            try:
-                kind, rank, payload = records.get(timeout=0.2)
+    @staticmethod
+    def _receive(workers, records) -> tuple[str, int, dict]:
+        return receive_record(workers, records, lambda rank, payload: payload["line"] + (
+            f"\n{payload['trace']}" if payload.get("trace") else ""))
+
+
+def receive_record(workers, records, error_message: Callable[[int, object], str], *,
+                   name: str = "the ranks", context: str = "") -> tuple[str, int, object]:
+    """The next ``(kind, rank, payload)`` record the ranks put on ``records``. An ``error``
+    record raises :class:`RanksFailed` with ``error_message(rank, payload)``; so does a rank that
+    ended without sending one (``context`` prefixes that message), or all of them ending cleanly
+    before the caller had every record (``name`` says whose). The one receive loop of every
+    multi-process leg (native ranks, the official code at world size N)."""
+    while True:
+        try:
+            kind, rank, payload = records.get(timeout=0.2)
+        except queue.Empty:
+            ended = _ended(workers)
+            if ended is None:
+                continue
+            if ended == "clean":
+                raise RanksFailed(f"{name} exited before sending every chunk") from None
+            try:  # a rank failed: its error record (or a peer's) may still be on its way
+                kind, rank, payload = records.get(timeout=3)
             except queue.Empty:
-                ended = _ended(workers)
-                if ended is None:
-                    continue
-                if ended == "clean":
-                    raise RanksFailed("the ranks exited before sending every chunk") from None
-                try:  # a rank failed: its error record (or a peer's) may still be on its way
-                    kind, rank, payload = records.get(timeout=3)
-                except queue.Empty:
-                    raise RanksFailed(ended) from None
-            if kind == "error":
-                raise RanksFailed(payload["line"] + (f"\n{payload['trace']}" if payload.get("trace") else ""))
-            return kind, rank, payload
+                raise RanksFailed(context + ended) from None
+        if kind == "error":
+            raise RanksFailed(error_message(rank, payload))
+        return kind, rank, payload
+
+
+def wait_for_exit(workers) -> None:
+    """Block until every rank has exited (polling, not spinning); a rank that failed raises."""
+    while (ended := _ended(workers)) is None:
+        time.sleep(0.05)
+    if ended != "clean":
+        raise RanksFailed(ended)
+
+
+def end_workers(workers) -> None:
+    """Terminate the ranks still running (an abandoned stream or a failure elsewhere)."""
+    for process in workers.processes:
+        if process.is_alive():
+            process.terminate()
+            process.join()
 
 
 def _ended(workers) -> str | None:
