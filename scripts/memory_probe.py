@@ -18,6 +18,11 @@ reserved figure), over w-31 x 8 chunks at 704x1280 with random wan5b weights:
 * ``lowvram-24``, ``lowvram-24-exact``, ``lowvram-16``: the profiles under their caps
   (``set_per_process_memory_fraction``), per-stage peaks and times; the streamed profiles also
   report the H2D bytes per forward and the rate they reached;
+* ``lean-g2``, ``lean-g4t8``, ``lean-g4t4``: candidates for the lean leg: the K/V's memory lent
+  to the decode under CUDA graphs (``release_kv_for_decode``, ``MemoryKV.lent``) with decoder
+  configurations whose transient fits in or near the K/V (latents per call, frames per top slice);
+* ``pool``, ``pool-default-alloc``: the lending itself, with and without expandable segments: the
+  store comes back at its address and a graph captured over it reads it right;
 * ``h2d``: pinned and pageable host -> device copy rates, alone and next to a running matmul.
 
 Writes ``DIR/<variant>.json`` as each finishes and ``DIR/summary.json`` (predicted next to
@@ -41,9 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 GIB = 2**30
 HEIGHT, WIDTH, NUM_CHUNK, POSE = 704, 1280, 8, "w-31"
-ROLLOUT_VARIANTS = ("base", "expandable", "lean", "lowvram-24", "lowvram-24-exact", "lowvram-16")
-VARIANTS = (*ROLLOUT_VARIANTS, "decode", "h2d")
-ALLOC = {"base": "expandable_segments:False"}  # every other variant: expandable segments
+# Candidates for the lean leg (issue 14 target 1): the K/V's memory lent to the decode under CUDA
+# graphs, with decoder configurations whose transient fits in or near the K/V's 12.1 GiB.
+LEAN_CANDIDATES = {
+    "lean-g2": {"release_kv_for_decode": True, "decode_group": 2, "decode_top_frames": 0, "decoder_copy": True},
+    "lean-g4t8": {"release_kv_for_decode": True, "decode_group": 4, "decode_top_frames": 8, "decoder_copy": True},
+    "lean-g4t4": {"release_kv_for_decode": True, "decode_group": 4, "decode_top_frames": 4, "decoder_copy": True},
+}
+ROLLOUT_VARIANTS = ("base", "expandable", "lean", *LEAN_CANDIDATES, "lowvram-24", "lowvram-24-exact", "lowvram-16")
+VARIANTS = (*ROLLOUT_VARIANTS, "decode", "h2d", "pool", "pool-default-alloc")
+ALLOC = {"base": "expandable_segments:False", "pool-default-alloc": "expandable_segments:False"}  # every other variant: expandable segments
 
 
 def _gib(x: float) -> float:
@@ -57,6 +69,8 @@ def _settings(name: str, attention: str):
     base = {**fastest_settings("cuda"), "attention_backend": attention}
     if name == "lean":
         base = {**base, **EXACT_LEVERS}
+    elif name in LEAN_CANDIDATES:
+        base = {**base, **LEAN_CANDIDATES[name]}
     elif name.startswith("lowvram-"):
         base = profile_settings(name.removeprefix("lowvram-"), base, "cuda")
     return RolloutSettings(num_chunk=NUM_CHUNK, seed=0, **base)
@@ -154,7 +168,7 @@ def run_rollout(name: str, args) -> dict:
     plan = plan_memory("wan5b", HEIGHT, WIDTH, settings)
     result: dict = {"variant": name, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                     "settings": {k: v for k, v in vars(settings).items()}, "plan": plan.to_dict()}
-    history = name in ("base", "lean")
+    history = name in ("base", "lean", *LEAN_CANDIDATES)
     if history:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     t0 = time.perf_counter()
@@ -172,7 +186,7 @@ def run_rollout(name: str, args) -> dict:
     text = random_text_states("wan5b", 0)
     traj = trajectory_from_pose_string(POSE)
     cap = PROFILES[name.removeprefix("lowvram-")].cap_gib if name.startswith("lowvram-") else (
-        (args.lean_cap or None) if name == "lean" else None)
+        (args.lean_cap or None) if name.startswith("lean") else None)
     result["cap_gib"] = cap
     torch.cuda.reset_peak_memory_stats()
     chunks = []
@@ -185,7 +199,8 @@ def run_rollout(name: str, args) -> dict:
                                "reserved_gib": _gib(torch.cuda.memory_reserved())})
                 peaks.chunk = out.index + 1
             result.setdefault("rollout_wall_s", []).append(round(time.perf_counter() - t_rollout, 2))
-            result.setdefault("accel", []).append(pipe.last_accel_stats.to_dict())
+            result.setdefault("accel", []).append({**pipe.last_accel_stats.to_dict(),
+                                                   "notes": pipe.last_accel_stats.notes})
     torch.cuda.synchronize()
     # The stage hooks reset the peak counters: the rollout's peak is the largest of theirs.
     result["rollout_peak_allocated_gib"] = max([_gib(torch.cuda.max_memory_allocated())]
@@ -230,17 +245,17 @@ def run_decode(args) -> dict:
 
     torch._dynamo.config.cache_size_limit = 64
     vae = random_models("wan5b", 0, device="cuda").vae
-    z = torch.randn(1, 48, 4 * 4, HEIGHT // 16, WIDTH // 16, generator=torch.Generator().manual_seed(0)).to(
+    steady = 6  # timed chunks per variant (after chunk 0, fresh, and chunk 1, which compiles)
+    z = torch.randn(1, 48, 4 * (steady + 2), HEIGHT // 16, WIDTH // 16, generator=torch.Generator().manual_seed(0)).to(
         "cuda", torch.bfloat16)
-    variants = [(4, None, True), (4, None, False), (2, None, False), (1, None, False), (1, 2, False), (1, 1, False),
-                (1, 1, True), (4, 1, False)]
+    variants = [(4, None, True), (2, None, True), (4, 8, True), (4, 4, True), (2, 4, True), (4, None, True)]
     rows, reference = [], None
     for group, top, copy in variants:
         runner = DecodeRunner(vae, DecodeOptions(compile=True, channels_last=True, copy_weights=copy, group=group,
                                                  top_frames=top))
         state = runner.new_decode_state(1, HEIGHT // 16, WIDTH // 16, device="cuda", dtype=torch.bfloat16)
         frames, times, transients = [], [], []
-        for c in range(4):  # chunk 0 (fresh, eager) + 3 steady chunks, twice the last for the timing
+        for c in range(steady + 2):  # chunk 0 (fresh, eager), chunk 1 (compiles), then the timed ones
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -256,7 +271,8 @@ def run_decode(args) -> dict:
         if reference is None:
             reference = video
         rows.append({"group": group, "top_frames": top, "copy_weights": copy,
-                     "steady_ms": [round(t, 2) for t in times], "transient_gib": [_gib(t) for t in transients],
+                     "steady_ms": [round(t, 2) for t in times],
+                     "median_ms": round(statistics.median(times), 2), "transient_gib": [_gib(t) for t in transients],
                      "weight_copy_gib": _gib(runner.weight_copy_nbytes),
                      "max_abs_diff_vs_first": float((video.float() - reference.float()).abs().max()),
                      "identical_to_first": bool(torch.equal(video, reference))})
@@ -297,7 +313,42 @@ def run_h2d(args) -> dict:
             "pinned_next_to_matmuls_gb_s": rate(pinned, dev, busy=True)}
 
 
+def run_pool(args) -> dict:
+    """The K/V's memory lent to other work (``MemoryKV.lent``) under this allocator setting: the
+    store comes back at its address after the lent code allocated more than the store and freed
+    it, and a CUDA graph that read the store before reads it right after."""
+    import torch
+
+    from worldplay.memory import MemoryKV
+
+    kv = MemoryKV(2, 1, 2, 4096, 24, 128, device="cuda", dtype=torch.bfloat16, lend_pool=True)  # 0.23 GiB
+    first = kv.addresses
+    out = torch.zeros(1, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    kv.k.fill_(1.0)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out.copy_(kv.k.float().sum().reshape(1))
+    rounds = []
+    for size in (kv.nbytes // 2, kv.nbytes, 3 * kv.nbytes):  # within, equal to, beyond the store
+        with kv.lent():
+            scratch = [torch.ones(size // 4, device="cuda", dtype=torch.float32) for _ in range(2)]
+            inside = [t.data_ptr() for t in scratch]
+            del scratch
+        kv.k.fill_(2.0)
+        graph.replay()
+        torch.cuda.synchronize()
+        rounds.append({"lent_bytes": 2 * size, "scratch_addresses_in_store": sum(first[0] <= a < first[0] + kv.nbytes
+                                                                                for a in inside),
+                       "same_address": kv.addresses == first, "graph_reads": float(out.item()),
+                       "expected": float(kv.k.numel() * 2.0)})
+    return {"variant": "pool", "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "rounds": rounds,
+            "moves": kv.moves, "acquisitions": kv.acquisitions}
+
+
 def run_variant(name: str, args) -> dict:
+    if name.startswith("pool"):
+        return run_pool(args)
     if name == "decode":
         return run_decode(args)
     if name == "h2d":
@@ -339,7 +390,7 @@ def main() -> int:
         keep = ("error", "alloc_conf", "cap_gib", "rollout_peak_allocated_gib", "rollout_peak_reserved_gib",
                 "steady_prefill_ms", "steady_dit_ms", "steady_decode_ms", "stage_peaks", "segments_gib",
                 "streamed_gib_per_forward", "h2d_gb_s_needed_at_this_dit_time", "pinned_gb_s", "pageable_gb_s",
-                "pinned_next_to_matmuls_gb_s", "rows")
+                "pinned_next_to_matmuls_gb_s", "rows", "rounds", "moves", "accel")
         summary[name] = {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1), **{k: res[k] for k in keep if k in res}}
         if "plan" in res:
             summary[name]["predicted_peak_allocated_gib"] = res["plan"]["peak_allocated_gib"]

@@ -7,7 +7,7 @@ import torch
 
 from worldplay.checkpoint import random_init_
 from worldplay.config import DIT_PRESETS
-from worldplay.memory import MEMORY_SLOTS, MemoryKV, memory_positions
+from worldplay.memory import MEMORY_SLOTS, Fp8MemoryKV, MemoryKV, memory_positions
 from worldplay.nn.dit import WanDiT
 from worldplay.nn.prope import PRoPE, apply_per_frame
 
@@ -238,8 +238,6 @@ def test_every_kv_write_takes_the_one_store_path(models, fused, monkeypatch):
 
 
 def _fp8_kv(memory_slots=MEMORY_SLOTS, dtype=torch.bfloat16):
-    from worldplay.memory import Fp8MemoryKV
-
     return Fp8MemoryKV(CFG.num_layers, 1, 2, S, CFG.num_attention_heads, CFG.attention_head_dim,
                        device="cpu", dtype=dtype, memory_slots=memory_slots)
 
@@ -321,8 +319,8 @@ def test_released_kv_is_rebuilt_without_reading_stale_slots(monkeypatch):
     real = memory._allocate
     calls = []
 
-    def nan_after_the_first(what, shapes, device):
-        out = real(what, shapes, device)
+    def nan_after_the_first(what, shapes, device, fill=True):
+        out = real(what, shapes, device, fill)
         calls.append(what)
         if len(calls) > 1:
             for t in out.values():
@@ -341,3 +339,78 @@ def test_released_kv_is_rebuilt_without_reading_stale_slots(monkeypatch):
     released = run(release_kv_for_decode=True)
     assert len(calls) == 6  # the first allocation and one after each of the first five decodes
     assert torch.equal(released, plain)
+
+
+def test_a_store_is_one_aligned_allocation():
+    """k and v (and the fp8 store's scales and work buffers) are views of one allocation, each on
+    a 256-byte boundary: a store freed in its own pool comes back as one block, at one address."""
+    for kv in (MemoryKV(CFG.num_layers, 1, 2, 7, CFG.num_attention_heads, CFG.attention_head_dim, device="cpu",
+                        dtype=torch.bfloat16),
+               Fp8MemoryKV(CFG.num_layers, 1, 2, 7, CFG.num_attention_heads, CFG.attention_head_dim, device="cpu",
+                           dtype=torch.bfloat16)):
+        tensors = list(kv._tensors.values())
+        base = tensors[0].untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == base for t in tensors)
+        assert all((t.data_ptr() - base) % 256 == 0 for t in tensors)  # CUDA bases are 512-aligned
+        assert [tuple(t.shape) for t in tensors] == [shape for shape, _ in kv.shapes().values()]
+        assert [t.dtype for t in tensors] == [dtype for _, dtype in kv.shapes().values()]
+        ends = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ends[:-1], ends[1:], strict=True))  # no overlap
+        assert all(not t.any() for t in tensors if t.dtype != torch.float8_e4m3fn)  # zero-filled at first
+
+
+def test_lending_frees_the_store_and_the_next_layer_call_brings_it_back():
+    kv = MemoryKV(CFG.num_layers, 1, 2, 7, CFG.num_attention_heads, CFG.attention_head_dim, device="cpu",
+                  dtype=torch.bfloat16, lend_pool=True)  # no pool on the CPU: lending is a release
+    assert kv.acquisitions == 1 and kv._pool is None
+    with kv.lent():
+        assert kv._tensors is None
+    k, _ = kv.layer(0)
+    assert kv.acquisitions == 2 and k.shape == kv.k[0].shape
+    assert len(kv.addresses) == 2 and kv.moves in (0, 1)  # the CPU allocator may move it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator pool is CUDA's")
+def test_a_lent_store_comes_back_at_its_address_on_cuda():
+    kv = MemoryKV(2, 1, 2, 64, 4, 32, device="cuda", dtype=torch.bfloat16, lend_pool=True)
+    where = kv.addresses
+    for size in (kv.nbytes // 2, 3 * kv.nbytes):  # within and beyond the store
+        with kv.lent():
+            scratch = torch.ones(size, device="cuda", dtype=torch.uint8)
+            del scratch
+        assert kv.addresses == where
+    assert kv.moves == 0 and kv.acquisitions == 3
+
+
+def test_the_runner_captures_its_graphs_again_when_the_store_moved(monkeypatch):
+    """A graph replays the K/V addresses it captured: the runner keeps a graph while the store is
+    where it was and captures it again (counted, with a note) if it came back elsewhere."""
+    import worldplay.accel as accel
+
+    captured = []
+
+    class FakeGraph:
+        def __init__(self, fn, statics, pool=None):
+            captured.append(statics)
+            self.fn = fn
+
+        def __call__(self, **inputs):
+            return self.fn()
+
+    monkeypatch.setattr(accel, "CapturedCall", FakeGraph)
+    monkeypatch.setattr(accel.torch.cuda, "graph_pool_handle", lambda: object())
+
+    class Store:
+        addresses = (1, 2)
+
+    runner = accel.DiTRunner.__new__(accel.DiTRunner)
+    runner.stats, runner._graphs, runner._pool = accel.AccelStats(), {}, None
+    store, x = Store(), torch.zeros(1)
+    for _ in range(3):
+        runner._call("step", True, lambda i: i["latents"], {"latents": x}, store)
+    assert runner.stats.captures == 1 and runner.stats.replays == 3
+    store.addresses = (3, 4)
+    runner._call("step", True, lambda i: i["latents"], {"latents": x}, store)
+    assert runner.stats.captures == 2 and "moved" in runner.stats.notes[0]
+    runner._call("step", True, lambda i: i["latents"], {"latents": x}, store)
+    assert runner.stats.captures == 2

@@ -85,7 +85,7 @@ class DiTRunner:
         self.shards = shards  # this rank's tokens over several ranks (None: one rank)
         self.stats = AccelStats()
         self._compiled = torch.compile(_call_block, dynamic=False) if "compile" in mode else None
-        self._graphs: dict[str, CapturedCall] = {}
+        self._graphs: dict[str, tuple[tuple[int, ...], CapturedCall]] = {}  # name -> (K/V addresses, graph)
         self._pool = None
         self._dynamo_start = _dynamo_compiles()
 
@@ -113,7 +113,7 @@ class DiTRunner:
                        shards=self.shards, **{k: i[k] for k in cams})
 
         self._call("prefill", self._use_graphs(latents.device, n_mem), run,
-                   {"latents": latents, "timesteps": timesteps, **cams})
+                   {"latents": latents, "timesteps": timesteps, **cams}, kv)
 
     def step(self, x, timesteps, text: TextContext, kv: MemoryKV, n_mem: int, rope, **cams) -> torch.Tensor:
         def run(i):
@@ -122,7 +122,8 @@ class DiTRunner:
                               attention_backend=self.backend, fused_kernels=self.fused,
                               block_fn=self._block_fn(n_mem), shards=self.shards, **{k: i[k] for k in cams})
 
-        return self._call("step", self._use_graphs(x.device, n_mem), run, {"latents": x, "timesteps": timesteps, **cams})
+        return self._call("step", self._use_graphs(x.device, n_mem), run, {"latents": x, "timesteps": timesteps, **cams},
+                          kv)
 
     def partial_prefill(self, latents, timesteps, text: TextContext, kv: MemoryKV, n_mem: int,
                         write: torch.Tensor, rope, **cams) -> None:
@@ -141,18 +142,26 @@ class DiTRunner:
                        **{k: i[k] for k in cams})
 
         self._call("partial", common and self._use_graphs(latents.device, n_mem), run,
-                   {"latents": latents, "timesteps": timesteps, "cos": rope[0], "sin": rope[1], "write": write, **cams})
+                   {"latents": latents, "timesteps": timesteps, "cos": rope[0], "sin": rope[1], "write": write, **cams},
+                   kv)
 
-    def _call(self, name: str, graphed: bool, run, inputs: dict[str, torch.Tensor]):
+    def _call(self, name: str, graphed: bool, run, inputs: dict[str, torch.Tensor], kv: MemoryKV):
         """``run(inputs)`` eagerly, or as the replay of the graph ``name``, captured at its first
-        call with static copies of ``inputs`` (later inputs are copied into them before replay)."""
+        call with static copies of ``inputs`` (later inputs are copied into them before replay).
+        A graph also captured the K/V's addresses: if the store came back elsewhere after lending
+        its memory to the decode (``MemoryKV.lent``), the graph is captured again (counted)."""
         if not graphed:
             return run(inputs)
-        graph = self._graphs.get(name)
-        if graph is None:
+        entry = self._graphs.get(name)
+        where = kv.addresses
+        if entry is not None and entry[0] != where:
+            self.stats.notes.append(f"{name}: the memory K/V moved; graph captured again")
+            entry = None
+        if entry is None:
             statics = {k: v.clone() for k, v in inputs.items()}
-            graph = self._capture(name, lambda: run(statics), statics)
-        out = graph(**inputs)
+            entry = (where, self._capture(name, lambda: run(statics), statics))
+            self._graphs[name] = entry
+        out = entry[1](**inputs)
         self.stats.replays += 1
         return out
 
@@ -164,7 +173,6 @@ class DiTRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = CapturedCall(fn, statics, self._pool)
-        self._graphs[name] = graph
         self.stats.captures += 1
         return graph
 

@@ -19,6 +19,7 @@ every chunk, and the retrieved clip is placed just before the recent context.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,25 +40,59 @@ def memory_positions(num_memory: int, chunk: int = CHUNK_LATENTS) -> tuple[torch
     return mem, torch.arange(num_memory, num_memory + chunk, dtype=torch.float64)
 
 
-def _allocate(what: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device) -> dict[str, torch.Tensor]:
-    """Zero-filled tensors of the given shapes; an OOM names what did not fit and its size."""
+_ALIGN = 256  # bytes: each tensor of a store starts on a boundary every kernel accepts
+
+
+def _allocate(what: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device,
+              fill: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of the given shapes, views of one allocation (zero-filled when ``fill``); an OOM
+    names what did not fit and its size.
+
+    One allocation, so that a store freed and allocated again in its own pool (see
+    :meth:`MemoryKV.lent`) comes back at the same address: the pool then holds one free block."""
+    offsets, end = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        offsets[name] = end
+        end += -(-torch.Size(shape).numel() * dtype.itemsize // _ALIGN) * _ALIGN
     try:
-        return {name: torch.zeros(shape, device=device, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+        flat = torch.empty(end, device=device, dtype=torch.uint8)
     except torch.OutOfMemoryError as exc:
-        gib = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in shapes.values()) / 2**30
         raise torch.OutOfMemoryError(
-            f"{what} need {gib:.1f} GiB and do not fit on {device}; free GPU memory, use a smaller resolution "
-            "or a --low-vram profile"
+            f"{what} need {end / 2**30:.1f} GiB and do not fit on {device}; free GPU memory, use a smaller "
+            "resolution or a --low-vram profile"
         ) from exc
+    if fill:
+        flat.zero_()
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        size = torch.Size(shape).numel() * dtype.itemsize
+        out[name] = flat[offsets[name] : offsets[name] + size].view(dtype).view(shape)
+    return out
+
+
+@contextlib.contextmanager
+def _routed_to(pool):
+    """CUDA allocations inside the ``with`` come from ``pool`` (None: the default pool)."""
+    if pool is None:
+        yield
+        return
+    with torch.cuda.use_mem_pool(pool):
+        yield
 
 
 class MemoryKV(KVBuffers):
     """Per-layer keys/values of the memory slots plus the chunk slots, preallocated.
 
-    :meth:`release` frees the buffers (``RolloutSettings.release_kv_for_decode``: in
-    ``reprefill`` mode they are dead between a chunk's last denoising step and the next
-    prefill, which rewrites every slot it reads); the next ``layer()`` call allocates them
-    again (new addresses, so never under CUDA graphs)."""
+    :meth:`lent` frees the buffers for the decode and lends it their memory
+    (``RolloutSettings.release_kv_for_decode``: in ``reprefill`` mode they are dead between a
+    chunk's last denoising step and the next prefill, which rewrites every slot it reads); the
+    next ``layer()`` call allocates them again. With ``lend_pool`` on CUDA the store lives in
+    its own allocator pool (``torch.cuda.MemPool``) and the lent code allocates from that pool,
+    so the store comes back at the address it had once the lent tensors are freed: CUDA graphs
+    that captured the address stay valid. The allocator never hands out memory that a live
+    tensor holds, so nothing can overwrite anything; if the address ever changes (a tensor of
+    the lent code still alive), :attr:`addresses` shows it and :class:`worldplay.accel.DiTRunner`
+    captures its graphs again."""
 
     def __init__(
         self,
@@ -72,6 +107,7 @@ class MemoryKV(KVBuffers):
         dtype: torch.dtype,
         memory_slots: int = MEMORY_SLOTS,
         chunk_slots: int = CHUNK_LATENTS,
+        lend_pool: bool = False,
     ):
         self.tokens_per_frame = tokens_per_frame
         self.memory_slots = memory_slots
@@ -80,6 +116,10 @@ class MemoryKV(KVBuffers):
         self.dtype = dtype
         self.num_layers, self.rows, self.heads, self.head_dim = num_layers, branches * batch, heads, head_dim
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._pool = torch.cuda.MemPool() if lend_pool and self.device.type == "cuda" else None
+        self.acquisitions = 0  # allocations of the buffers (1 + one per lent decode)
+        self.moves = 0  # re-allocations at another address than the one before
+        self._last_addresses: tuple[int, ...] | None = None
         self._acquire()
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -90,11 +130,35 @@ class MemoryKV(KVBuffers):
 
     def _acquire(self) -> None:
         if self._tensors is None:
-            self._tensors = _allocate("the memory K/V buffers", self.shapes(), self.device)
+            # Zero-filled once; after a release the contents are dead (the next prefill writes
+            # every slot it reads), so a re-allocation is not filled.
+            with _routed_to(self._pool):
+                self._tensors = _allocate("the memory K/V buffers", self.shapes(), self.device,
+                                          fill=self.acquisitions == 0)
+            self.acquisitions += 1
+            addresses = tuple(t.data_ptr() for t in self._tensors.values())
+            if self._last_addresses is not None and addresses != self._last_addresses:
+                self.moves += 1
+            self._last_addresses = addresses
 
     def release(self) -> None:
         """Free the buffers until the next ``layer()`` call (their contents are lost)."""
         self._tensors = None
+
+    @contextlib.contextmanager
+    def lent(self):
+        """Free the buffers for the ``with`` body and route its CUDA allocations into their pool
+        (with ``lend_pool``), so it reuses their memory. Tensors the body makes live in the
+        store's memory: copy out what must outlive the next prefill (the frames go to the host)."""
+        self.release()
+        with _routed_to(self._pool):
+            yield
+
+    @property
+    def addresses(self) -> tuple[int, ...]:
+        """Where the buffers are (allocating them if released): what a CUDA graph captured."""
+        self._acquire()
+        return self._last_addresses
 
     @property
     def k(self) -> torch.Tensor:

@@ -85,7 +85,9 @@ class RolloutSettings:
     dit_on_host: bool = False
     streamed_blocks: int = 0
     # Free the memory K/V between a chunk's last step and the next prefill, so the decoder's
-    # activations use that memory (exact in reprefill mode; no CUDA graphs: the buffers move).
+    # activations use that memory (exact in reprefill mode). On CUDA the K/V lives in its own
+    # allocator pool and the decode allocates from it, so the K/V comes back at its address and
+    # CUDA graphs stay valid (worldplay.memory.MemoryKV.lent).
     release_kv_for_decode: bool = False
 
     def __post_init__(self) -> None:
@@ -150,9 +152,6 @@ def check_memory_settings(settings: RolloutSettings) -> None:
                            f"block copies), got {settings.accel!r}")
     if settings.release_kv_for_decode and settings.memory_mode != "reprefill":
         raise RolloutError("release_kv_for_decode needs memory_mode='reprefill' (reuse keeps the K/V across chunks)")
-    if settings.release_kv_for_decode and graphs:
-        raise RolloutError(f"release_kv_for_decode needs accel 'eager' or 'compile' (CUDA graphs hold the K/V "
-                           f"addresses), got {settings.accel!r}")
 
 
 @dataclass

@@ -130,7 +130,8 @@ def build_parts(pipe: WorldPlayPipeline, settings: RolloutSettings, decode_optio
     history = _history(pipe, capacity, latent_h, latent_w)
     # Over several ranks each holds every token's keys/values for its heads.
     kv = new_memory_kv(settings.kv_dtype, dit.config.num_layers, 1, 2, tokens_per_frame, heads // size,
-                       dit.config.attention_head_dim, device=dev, dtype=dtype)
+                       dit.config.attention_head_dim, device=dev, dtype=dtype,
+                       lend_pool=settings.release_kv_for_decode)
     # The decode runner allocates the decoder's history in its own layout.
     decoder = pipe.decode_runner(decode_options) if settings.decode else None
     decode_state = (decoder.new_decode_state(1, latent_h, latent_w, device=dev, dtype=pipe.vae_dtype, columns=columns)
@@ -365,30 +366,36 @@ class WorldSession:
                 x = stepped
             timer.mark(f"step{step}")
         history.latents[:, :, frames_idx] = x
-        if self.settings.release_kv_for_decode:
-            self.parts.kv.release()  # dead until the next prefill; reallocated at its first layer
-        if self.parts.decoder is None:
-            frames = torch.empty(0, *self.size, 3, dtype=torch.uint8)
-        else:
-            decoder, state = self.parts.decoder, self.parts.decode_state
-            if dtype == torch.float32:
-                # A float32 reference decodes latent by latent (the same frames, see the VAE
-                # tests) to keep the decoder's transient memory to a quarter.
-                video = torch.cat([decoder.decode(x[:, :, i : i + 1], state) for i in range(CHUNK_LATENTS)], 2)
-            else:
-                video = decoder.decode(x, state)  # de-normalises in the VAE dtype, as official
-            frames_dev = frames_to_uint8(video)
-            if state.columns is not None:  # every rank's columns of the frames
-                frames_dev = state.columns.gather_frames(frames_dev)
-            timer.mark("decode")
-            leader = self.pipe.ranks is None or self.pipe.ranks.leader
-            frames = frames_dev.cpu() if leader else torch.empty(0, *self.size, 3, dtype=torch.uint8)
+        # release_kv_for_decode: the K/V is dead until the next prefill; the decode runs in its
+        # memory (MemoryKV.lent), and only the frames on the host leave it.
+        with self.parts.kv.lent() if self.settings.release_kv_for_decode else contextlib.nullcontext():
+            frames = self._decode(x, timer)
         timings = timer.read()
         timings["dit"] = sum(v for k, v in timings.items() if k in ("prefill", "kv_move") or k.startswith("step"))
         return ChunkOutput(
             index=chunk, frames=frames, latents=x.float().cpu(), memory=selection, timings_ms=timings,
             device_latents=x, clock_s={"ready": time.perf_counter()},
         )
+
+    def _decode(self, x: torch.Tensor, timer) -> torch.Tensor:
+        """The chunk's clean latents -> uint8 frames ``[T, H, W, 3]`` on the host (empty
+        without a decoder here, or on a rank that is not the leader)."""
+        dtype = self.pipe.dtype
+        if self.parts.decoder is None:
+            return torch.empty(0, *self.size, 3, dtype=torch.uint8)
+        decoder, state = self.parts.decoder, self.parts.decode_state
+        if dtype == torch.float32:
+            # A float32 reference decodes latent by latent (the same frames, see the VAE
+            # tests) to keep the decoder's transient memory to a quarter.
+            video = torch.cat([decoder.decode(x[:, :, i : i + 1], state) for i in range(CHUNK_LATENTS)], 2)
+        else:
+            video = decoder.decode(x, state)  # de-normalises in the VAE dtype, as official
+        frames_dev = frames_to_uint8(video)
+        if state.columns is not None:  # every rank's columns of the frames
+            frames_dev = state.columns.gather_frames(frames_dev)
+        timer.mark("decode")
+        leader = self.pipe.ranks is None or self.pipe.ranks.leader
+        return frames_dev.cpu() if leader else torch.empty(0, *self.size, 3, dtype=torch.uint8)
 
     def _update_reused_memory(self, selected: list[int], history: LatentHistory, timer=None) -> None:
         """``reuse`` mode: frames that stay selected keep their slots and K/V; the RoPE-branch
