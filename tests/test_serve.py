@@ -114,6 +114,49 @@ def test_keys_map_to_the_motions_of_the_pose_grammar():
     assert motion_for(set(), dx=2, dy=-2) == Motion()  # below the threshold
 
 
+def test_third_person_keys_keep_only_the_turn_of_a_chunk_that_moves_and_turns(pipe):
+    """`serve --third-person`: the official tps=True labels. Moving and turning at once keeps only
+    the rotation class; the labels are action_labels' of the steered path (held to the official
+    function in tests/test_pose_third_person.py)."""
+    from worldplay.pose import action_labels
+
+    image = torch.zeros(3, 64, 96)
+    both = Motion("w", "right")
+    labels = {}
+    for third_person in (False, True):
+        engine = _engine(pipe, third_person=third_person)
+        engine.begin(image, "")
+        engine.step(Motion("w"))  # chunk 0
+        start = engine.session.last_poses.c2w[-1]
+        engine.step(both)
+        poses = engine.session.last_poses
+        labels[third_person] = poses.actions.tolist()
+        path = np.concatenate([start[None], poses.c2w])
+        assert action_labels(np.linalg.inv(path), third_person=third_person)[1:].tolist() == labels[third_person]
+        engine.close()
+    assert labels[False] == [both.label] * 4 and both.label // 9 != 0
+    assert labels[True] == [both.label % 9] * 4  # the rotation class only
+
+
+def test_serve_passes_third_person_to_the_engine(monkeypatch):
+    import worldplay.serve.engine as engine_module
+    from worldplay.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(engine_module, "Engine", fake_engine)
+    with pytest.raises(Stop):
+        main(["serve", "--preset", "tiny", "--random-init", "0", "--device", "cpu", "--third-person"])
+    assert seen["third_person"] is True
+
+
 def test_a_tap_between_two_chunks_counts_once():
     sampler = KeySampler()
     sampler.keys(frozenset({"w"}), 1)

@@ -148,9 +148,14 @@ def chunk_poses(trajectory: Trajectory, chunk: int) -> ChunkPoses:
 
 class Steering:
     """The camera of a live session: integrates one motion (or camera delta) per chunk from the
-    current pose. Chunk 0 starts at the identity (the image's camera), as pose strings do."""
+    current pose. Chunk 0 starts at the identity (the image's camera), as pose strings do.
 
-    def __init__(self, K: np.ndarray = DEFAULT_K):
+    ``third_person``: the labels of the official ``tps=True`` mode (a camera orbiting a
+    character: a step that turns keeps only its rotation class; see
+    :func:`worldplay.pose.action_labels`)."""
+
+    def __init__(self, K: np.ndarray = DEFAULT_K, *, third_person: bool = False):
+        self.third_person = third_person
         self._intrinsics = normalize_intrinsics(np.broadcast_to(K, (CHUNK_STEPS, 3, 3)))
         self.pose: np.ndarray | None = None  # c2w of the last latent so far; None before chunk 0
 
@@ -182,7 +187,7 @@ class Steering:
             path.append(step(path[-1]))
         c2w = np.stack(path if first else path[1:])
         # Labels compare each latent with the one before it, so the window starts one pose early.
-        labels = action_labels(np.linalg.inv(np.stack(path)))
+        labels = action_labels(np.linalg.inv(np.stack(path)), third_person=self.third_person)
         return ChunkPoses(c2w=c2w, viewmats=np.linalg.inv(c2w), intrinsics=self._intrinsics.copy(),
                           actions=labels if first else labels[1:])
 

@@ -506,6 +506,9 @@ def _serve_parser(sub) -> None:
                         "start-up is slow while they compile")
     p.add_argument("--memory-mode", choices=["reprefill", "reuse"], default="reprefill",
                    help="reprefill: the official exact memory; reuse: faster, an approximation")
+    p.add_argument("--third-person", action="store_true",
+                   help="label the keys' actions in the official third-person mode (tps=True): a chunk that moves "
+                        "and turns at once (e.g. W with the right arrow) keeps only its rotation label")
     p.add_argument("--max-chunks", type=int, default=900,
                    help="chunks a world may run before it has to start over (default 900, 15 minutes; the latent "
                         "history grows with it, ~1.35 MB per chunk at 704x1280)")
@@ -588,14 +591,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _prompt_states(argparse.Namespace(**{**vars(args), "prompt": prompt or DEFAULT_PROMPT}), device)[0]
 
     engine = Engine(pipe, settings, (height, width), text_for, samples=samples, max_chunks=args.max_chunks,
-                    seed=args.seed, random_weights=args.random_init is not None)
+                    seed=args.seed, random_weights=args.random_init is not None, third_person=args.third_person)
     server = Server(engine, ServeOptions(token=args.token, lead=args.lead, jpeg_quality=args.jpeg_quality,
                                          idle_timeout_s=args.idle_timeout))
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
 
     def announce(port: int) -> None:
+        mode = ", third person" if args.third_person else ""
         print(f"worldplay serve: open http://{shown_host}:{port}/{'?token=' + args.token if args.token else ''} "
-              f"({args.preset}, {height}x{width}, {device}); Ctrl-C stops", flush=True)
+              f"({args.preset}, {height}x{width}, {device}{mode}); Ctrl-C stops", flush=True)
 
     try:
         serve_forever(server, args.host, args.port, announce)

@@ -235,14 +235,16 @@ class WorldPlayPipeline:
         return self._placed[key]
 
     def session(self, image: torch.Tensor, text_states: torch.Tensor, settings: RolloutSettings, *,
-                decode_options: DecodeOptions | None = None, preallocate: int | None = None):
+                decode_options: DecodeOptions | None = None, preallocate: int | None = None,
+                third_person: bool = False):
         """A :class:`~worldplay.session.WorldSession` from ``image [3, H, W]`` in [-1, 1] and the
         prompt embeddings ``text_states [1, L, text_dim]``: one :meth:`~worldplay.session.WorldSession.step`
-        per chunk; ``preallocate``: chunks its history is allocated for (default ``settings.num_chunk``)."""
+        per chunk; ``preallocate``: chunks its history is allocated for (default ``settings.num_chunk``);
+        ``third_person``: live controls labelled as the official ``tps=True`` mode."""
         from .session import WorldSession  # the session builds on this module's vocabulary
 
         return WorldSession(self, image, text_states, settings, decode_options=decode_options,
-                            preallocate=preallocate)
+                            preallocate=preallocate, third_person=third_person)
 
     def rollout(
         self,

@@ -157,6 +157,9 @@ class WorldSession:
     ``text_states [1, L, text_dim]``, generated one chunk per step.
 
     :meth:`step` generates the next chunk, :meth:`reset` starts over.
+    Live controls are labelled as the official first-person mode does, or with ``third_person``
+    as its ``tps=True`` mode (:class:`~worldplay.actions.Steering`).
+
     The history is preallocated for ``preallocate`` chunks (default ``settings.num_chunk``); a
     session may run longer (it grows). ``decode_options``: decoder options other than those ``settings.fast_decode``
     chooses (probes of decode variants). Make one with :meth:`WorldPlayPipeline.session
@@ -164,7 +167,7 @@ class WorldSession:
 
     def __init__(self, pipe: WorldPlayPipeline, image: torch.Tensor, text_states: torch.Tensor,
                  settings: RolloutSettings, *, decode_options: DecodeOptions | None = None,
-                 preallocate: int | None = None):
+                 preallocate: int | None = None, third_person: bool = False):
         dev = pipe.device
         preallocate = settings.num_chunk if preallocate is None else preallocate
         if isinstance(preallocate, bool) or not isinstance(preallocate, int) or preallocate < 1:
@@ -189,7 +192,7 @@ class WorldSession:
         self.parts = build_parts(pipe, settings, decode_options, latent_h=self.latent_h, latent_w=self.latent_w,
                                  capacity=preallocate * CHUNK_LATENTS)
         pipe.last_accel_stats = self.parts.runner.stats
-        self.steering = Steering()
+        self.steering = Steering(third_person=third_person)
         self._timesteps, self._sigmas = distilled_schedule()
         self._timer = StageTimer(dev)
         self._rope_cache: dict[int, tuple] = {}

@@ -35,11 +35,12 @@ class Engine:
     ``text_for(prompt)``: prompt embeddings ``[1, L, text_dim]`` (seeded random ones for random
     weights). ``samples``: name -> a callable giving the image file (resolved when chosen, so an
     unreachable one costs nothing until then). ``max_chunks``: the length of a world before it
-    has to start over (the history grows with it: ~0.34 MB per latent at 704x1280)."""
+    has to start over (the history grows with it: ~0.34 MB per latent at 704x1280).
+    ``third_person``: the keys' actions labelled as the official third-person mode."""
 
     def __init__(self, pipe: WorldPlayPipeline, settings: RolloutSettings, size: tuple[int, int],
                  text_for: Callable[[str], torch.Tensor], *, samples: dict[str, Callable[[], Path]] | None = None,
-                 max_chunks: int = 900, seed: int = 0, random_weights: bool = False):
+                 max_chunks: int = 900, seed: int = 0, random_weights: bool = False, third_person: bool = False):
         self.pipe = pipe
         self.settings = settings
         self.size = size  # (height, width)
@@ -48,6 +49,7 @@ class Engine:
         self.max_chunks = max_chunks
         self.seed = seed
         self.random_weights = random_weights  # the page says that the prompt means nothing then
+        self.third_person = third_person  # keys labelled as the official tps=True mode
         self.session = None
         self.steps = 0  # chunks generated since start-up (tests and logs)
         self._uploads: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -108,7 +110,7 @@ class Engine:
         """A new world from ``image`` and ``prompt``, in the warm session when there is one."""
         text = self.text_for(prompt)
         if self.session is None:
-            self.session = self.pipe.session(image, text, self.settings)
+            self.session = self.pipe.session(image, text, self.settings, third_person=self.third_person)
         else:
             self.session.reset(image, text)
 
