@@ -6,10 +6,16 @@ of the fastest settings (``worldplay.rollout.fastest_settings``); its predicted 
 comes from :mod:`worldplay.memory_plan` (``predicted_peak_gib``), its measured peak, speed and
 drift from the ``bench-memory`` and ``drift-lowvram-*`` experiments.
 
-* :data:`EXACT_LEVERS` (the ``native-fastest-lean`` leg): the same frames as the fastest
-  settings with less memory at once: one latent per decoder call, the decoder's full-resolution
-  stages one frame at a time, and no channels-last copy of the decoder weights.
-* profile ``24`` (24 GB cards, proven under a 22 GiB cap): the exact levers, the DiT in host
+* :data:`EXACT_LEVERS` (the ``native-fastest-lean`` leg, the fastest settings in <= 32 GiB): the
+  same arithmetic as the fastest settings with less memory at once: the memory K/V's memory lent
+  to the decode (dead then in reprefill mode; ``worldplay.memory.MemoryKV.lent``, CUDA graphs
+  kept) and the decoder's full-resolution stages 4 frames at a time, so its transient (11.9 GiB at
+  704x1280) fits inside the K/V's 12.1 (round 10 of notes/perf.md: decode within 1 % of the
+  fastest).
+* :data:`SMALL_DECODE` (the low-VRAM profiles and the ``native-spN`` legs): one latent per decoder
+  call, the full-resolution stages one frame at a time, no channels-last copy of the decoder
+  weights: the least decoder memory (4.6-5.1 GiB), 8-17 % slower decodes.
+* profile ``24`` (24 GB cards, proven under a 22 GiB cap): the small decode, the DiT in host
   memory with its block linears in fp8 on the device (half the bytes), the memory K/V in fp8
   (e4m3 + per token-and-head scales), the K/V released during the decode; compiled blocks,
   no CUDA graphs (they would hold the K/V addresses). Approximate: fp8 weights and K/V.
@@ -25,8 +31,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-# On top of the fastest settings: exact (the same frames), less memory.
-EXACT_LEVERS: dict[str, Any] = {"decode_group": 1, "decode_top_frames": 1, "decoder_copy": False}
+# On top of the fastest settings: exact (the same arithmetic), less memory.
+EXACT_LEVERS: dict[str, Any] = {"release_kv_for_decode": True, "decode_top_frames": 4}
+SMALL_DECODE: dict[str, Any] = {"decode_group": 1, "decode_top_frames": 1, "decoder_copy": False}
 
 
 @dataclass(frozen=True)
@@ -42,17 +49,17 @@ class LowVramProfile:
 _NO_GRAPHS = {"accel": "compile"}  # on CUDA; the CPU keeps its eager default
 PROFILES: dict[str, LowVramProfile] = {p.name: p for p in (
     LowVramProfile("24", 24, 22.0, False,
-                   {**EXACT_LEVERS, **_NO_GRAPHS, "dit_on_host": True, "linear_dtype": "fp8", "kv_dtype": "fp8",
+                   {**SMALL_DECODE, **_NO_GRAPHS, "dit_on_host": True, "linear_dtype": "fp8", "kv_dtype": "fp8",
                     "release_kv_for_decode": True},
                    "fp8 block linears resident (5.1 GiB instead of 9.9), fp8 memory K/V (5.4 instead of 12.1), "
                    "the K/V freed for the decode, one latent and one full-resolution frame per decoder pass"),
     LowVramProfile("24-exact", 24, 22.0, True,
-                   {**EXACT_LEVERS, **_NO_GRAPHS, "dit_on_host": True, "streamed_blocks": 28,
+                   {**SMALL_DECODE, **_NO_GRAPHS, "dit_on_host": True, "streamed_blocks": 28,
                     "release_kv_for_decode": True},
                    "exact: 28 of 30 bf16 blocks streamed from pinned host memory per forward, the K/V freed for "
                    "the decode, one latent and one full-resolution frame per decoder pass"),
     LowVramProfile("16", 16, 14.0, False,
-                   {**EXACT_LEVERS, **_NO_GRAPHS, "dit_on_host": True, "linear_dtype": "fp8", "kv_dtype": "fp8",
+                   {**SMALL_DECODE, **_NO_GRAPHS, "dit_on_host": True, "linear_dtype": "fp8", "kv_dtype": "fp8",
                     "streamed_blocks": 30, "release_kv_for_decode": True},
                    "profile 24 with all 30 fp8 blocks streamed from pinned host memory per forward"),
 )}

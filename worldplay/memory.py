@@ -118,7 +118,7 @@ class MemoryKV(KVBuffers):
         self._tensors: dict[str, torch.Tensor] | None = None
         self._pool = torch.cuda.MemPool() if lend_pool and self.device.type == "cuda" else None
         self.acquisitions = 0  # allocations of the buffers (1 + one per lent decode)
-        self.moves = 0  # re-allocations at another address than the one before
+        self.moves = 0  # times addresses found the buffers elsewhere than at its last call
         self._last_addresses: tuple[int, ...] | None = None
         self._acquire()
 
@@ -136,10 +136,6 @@ class MemoryKV(KVBuffers):
                 self._tensors = _allocate("the memory K/V buffers", self.shapes(), self.device,
                                           fill=self.acquisitions == 0)
             self.acquisitions += 1
-            addresses = tuple(t.data_ptr() for t in self._tensors.values())
-            if self._last_addresses is not None and addresses != self._last_addresses:
-                self.moves += 1
-            self._last_addresses = addresses
 
     def release(self) -> None:
         """Free the buffers until the next ``layer()`` call (their contents are lost)."""
@@ -156,9 +152,14 @@ class MemoryKV(KVBuffers):
 
     @property
     def addresses(self) -> tuple[int, ...]:
-        """Where the buffers are (allocating them if released): what a CUDA graph captured."""
+        """Where the buffers are (allocating them if released): what a CUDA graph captured.
+        Counts in :attr:`moves` each time they are somewhere else than at the last call."""
         self._acquire()
-        return self._last_addresses
+        addresses = tuple(t.data_ptr() for t in self._tensors.values())
+        if self._last_addresses is not None and addresses != self._last_addresses:
+            self.moves += 1
+        self._last_addresses = addresses
+        return addresses
 
     @property
     def k(self) -> torch.Tensor:

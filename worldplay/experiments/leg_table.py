@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..lowvram import EXACT_LEVERS, PROFILES, profile_settings
+from ..lowvram import EXACT_LEVERS, PROFILES, SMALL_DECODE, profile_settings
 
 # How a leg runs: in this process on one device; DiT and VAE decode pipelined over two GPUs
 # (worldplay.pipelined, bench only); N ranks with sequence parallelism (worldplay.ranks); the
@@ -108,7 +108,8 @@ ROWS: tuple[LegRow, ...] = (
            _fastest_with({"memory_mode": "reuse", "linear_dtype": "fp8"}),
            intro=_REUSE_FP8_INTRO),
     LegRow("native-fastest-lean", NATIVE, "the fastest settings with the exact memory levers (worldplay.lowvram."
-           "EXACT_LEVERS: one latent and one full-resolution frame per decoder pass, no decoder weight copy), under "
+           "EXACT_LEVERS: the decode runs in the memory K/V's memory, dead between a chunk's last step and the "
+           "next prefill, with CUDA graphs kept; the decoder's full-resolution stages 4 frames at a time), under "
            "a 32 GiB cap", _fastest_with(EXACT_LEVERS), memory_cap_gib=32.0),
     LegRow("native-kv-fp8", NATIVE, "the fastest settings with kv_dtype='fp8' (a fast approximation: the memory K/V "
            "in e4m3 with a scale per token and head)", _fastest_with({"kv_dtype": "fp8"})),
@@ -131,7 +132,7 @@ ROWS: tuple[LegRow, ...] = (
     # With the exact memory levers: a GPU of two then peaks below the official code's 24.6 GiB at
     # two GPUs (predicted 21.8 GiB; 31.4 with the one-GPU decoder settings, whose 4-latent call
     # dominates). More counts (sp8, official-sp4) are one row each when machines that big are lent.
-    *(LegRow(f"native-sp{n}", RANKS, _SP_HELP.format(n=n), _fastest_with(EXACT_LEVERS), ranks=n) for n in (2, 4)),
+    *(LegRow(f"native-sp{n}", RANKS, _SP_HELP.format(n=n), _fastest_with(SMALL_DECODE), ranks=n) for n in (2, 4)),
     LegRow("official", OFFICIAL, "the official HY-WorldPlay code (needs --official PATH or WORLDPLAY_OFFICIAL)"),
     LegRow("official-sp2", OFFICIAL_RANKS,
            "the official code at world size 2 (its sequence parallel and parallel VAE decode)", ranks=2),
