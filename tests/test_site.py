@@ -590,3 +590,22 @@ def test_a_required_experiment_with_only_a_local_result_fails_naming_the_flag(tr
     run = render("--include-local")
     assert run.returncode == 0, run.stderr
     assert "Local, uncommitted run" in (tree / "out/experiments/drift-tiny-cpu.md").read_text()
+
+
+def test_captions_name_only_columns_their_tables_have(fixture_tree, tmp_path):
+    """A caption that points at columns (*after candidates*) sits on a table that has them; the model
+    card's trajectory tables (computed from the pose, nothing recorded) say so instead."""
+    out = tmp_path / "generated"
+    render_site(_site(fixture_tree), out)
+    checked = 0
+    for page in out.rglob("*.md"):
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith(":::{table}") and "columns after *candidates*" in line:
+                header = next(lines[j] for j in range(i + 1, len(lines)) if lines[j].startswith("| "))
+                cells = [c.strip() for c in header.strip("|").split("|")]
+                assert cells.index("candidates") < len(cells) - 1, (page, header)
+                checked += 1
+    assert checked  # the bench's recorded selection
+    trajectories = (out / "fragments/model_card_trajectories.md").read_text()
+    assert "columns after" not in trajectories and "computed from the pose" in trajectories

@@ -320,10 +320,14 @@ class Renderer:
                 else:
                     row[label] = f"{got} ✓" if got == r.chosen_start else f"{got} ✗ (computed {r.chosen_start})"
             table.append(row)
+        # Only a result that recorded its clips has columns after *candidates* (the model card's
+        # trajectory tables are computed from the pose alone): the caption says which it is.
+        caption = (md("Memory selection per chunk for {} (columns after *candidates*: the retrieved clip start "
+                      "recorded by the result, ✓ = same as computed)", code(pose)) if recorded else
+                   md("Memory selection per chunk for {}, computed from the pose with the selection rule",
+                      code(pose)))
         out.append(markdown_table(table, formats={"D (chosen)": "{:.4f}", "D (runner-up)": "{:.4f}"},
-                                  caption=md("Memory selection per chunk for {} (columns after *candidates*: the "
-                                             "retrieved clip start recorded by the result, ✓ = same as computed)",
-                                             code(pose))))
+                                  caption=caption))
         return join("\n", out)
 
 
