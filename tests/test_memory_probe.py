@@ -22,7 +22,11 @@ def test_every_rollout_variant_has_valid_settings(probe):
     for name in probe.ROLLOUT_VARIANTS:
         settings = probe._settings(name, "cudnn")
         assert settings.num_chunk == probe.NUM_CHUNK
-        assert (name == "lean") == (settings.decode_group == 1 and not settings.dit_on_host)
+        # the lean variants lend the K/V to the decode with the DiT resident and its graphs kept
+        lean = settings.release_kv_for_decode and not settings.dit_on_host and "graphs" in settings.accel
+        assert name.startswith("lean") == lean
+        if name.startswith("lean-"):
+            assert {k: getattr(settings, k) for k in probe.LEAN_CANDIDATES[name]} == probe.LEAN_CANDIDATES[name]
 
 
 def test_peak_attribution_replays_the_allocator_trace(probe):
