@@ -152,8 +152,8 @@ class MemoryKV(KVBuffers):
 
     @property
     def addresses(self) -> tuple[int, ...]:
-        """Where the buffers are (allocating them if released): what a CUDA graph captured.
-        Counts in :attr:`moves` each time they are somewhere else than at the last call."""
+        """The data addresses of the buffers, which a CUDA graph captures (allocated first if
+        released); ``moves`` counts the calls that found them elsewhere than the call before."""
         self._acquire()
         addresses = tuple(t.data_ptr() for t in self._tensors.values())
         if self._last_addresses is not None and addresses != self._last_addresses:
