@@ -62,12 +62,17 @@ def other_weights_on_rank_one(dtype, device) -> LoadedModels:
     return random_models("tiny", _rank(), device=device, dtype=dtype)
 
 
-def exchange_checks(rank: int, size: int, port: int, results) -> None:
-    """The collectives of worldplay.ranks against their one-rank meaning (run by test_ranks)."""
+def exchange_checks(rank: int, size: int, port: int, results, transport: str = "direct",
+                    compiled: bool = False) -> None:
+    """The collectives of worldplay.ranks against their one-rank meaning (run by test_ranks).
+    ``compiled``: also the DiT's exchange inside a torch.compile'd function (how the GPU legs
+    call it: host-staged collectives are graph breaks)."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    from worldplay.ranks.group import HostStagedRankGroup
     from worldplay.ranks.launch import join
 
-    group = join(rank, size, torch.device("cpu"))
+    group = join(rank, size, torch.device("cpu"), transport=transport)
+    assert isinstance(group, HostStagedRankGroup) == (transport == "host"), type(group)
     gen = torch.Generator().manual_seed(0)
     frames, per_frame, heads, head_dim = 3, 7, 6, 4  # 7 tokens: uneven pieces for 2 and 3 ranks
     full = [torch.randn(2, frames * per_frame, heads * head_dim, generator=gen) for _ in range(3)]
@@ -90,6 +95,13 @@ def exchange_checks(rank: int, size: int, port: int, results) -> None:
     padded = torch.nn.functional.pad(x, (1, 1))
     assert torch.equal(columns.halo(x[..., a:b], 1), padded[..., a:b + 2]), "halo"
     assert torch.equal(columns.gather(x[..., a:b], 4, 1), x), "columns gather"
+    if compiled:
+        def exchange(tensors):  # work on both sides of the exchange; scaling by 2 is exact
+            return [t * 0.5 for t in shards.to_heads([t * 2 for t in tensors], heads)]
+
+        fn = torch.compile(exchange, dynamic=False)
+        for g, c in zip(got, fn(mine), strict=True):
+            assert torch.equal(c, g), "to_heads, compiled"
     group.barrier()
     import torch.distributed as dist
 

@@ -688,3 +688,25 @@ def test_fastest_settings_on_cuda_are_valid_and_use_every_fast_path(monkeypatch)
                             "fused_kernels": True}
         RolloutSettings(num_chunk=1, **settings)
     assert fastest_settings("cpu") == {"attention_backend": "sdpa"}
+
+
+def test_the_readme_lists_every_leg_as_the_leg_table_does():
+    """experiments/README.md's legs table is generated: regenerate it when a row changes."""
+    from worldplay.experiments.leg_table import ROWS, markdown_table
+
+    text = (Path(__file__).resolve().parents[1] / "experiments" / "README.md").read_text(encoding="utf-8")
+    start = text.index("<!-- legs-table")
+    table = text[text.index("\n", start) + 1: text.index("<!-- /legs-table -->")]
+    assert table == markdown_table(), "regenerate with worldplay.experiments.leg_table.markdown_table()"
+    assert len(table.splitlines()) == len(ROWS) + 2
+
+
+def test_a_mistyped_leg_names_the_closest_ones():
+    from worldplay.experiments.leg_table import NATIVE, RANKS, names
+    from worldplay.experiments.schema import _Bad, _choice
+
+    options = names(NATIVE, RANKS)
+    with pytest.raises(_Bad) as info:
+        _choice(options)("native-fastest-laen", "legs[0]")
+    message = str(info.value)
+    assert "'native-fastest-lean'" in message and f"one of {len(options)} names" in message and len(message) < 300

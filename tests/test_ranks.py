@@ -45,6 +45,24 @@ def test_exchanges_equal_their_one_rank_meaning(size):
     mp.start_processes(exchange_checks, args=(size, _port(), None), nprocs=size, start_method="spawn")
 
 
+def test_host_staged_exchanges_equal_the_direct_ones():
+    """transport="host" (ranks sharing a GPU: gloo over host copies) gives the same exchanges."""
+    mp.start_processes(exchange_checks, args=(3, _port(), None, "host"), nprocs=3, start_method="spawn")
+
+
+@pytest.mark.slow
+def test_host_staged_exchanges_inside_a_compiled_function():
+    """As the one-GPU leg calls them: from a torch.compile'd block (each exchange a graph break)."""
+    mp.start_processes(exchange_checks, args=(2, _port(), None, "host", True), nprocs=2, start_method="spawn")
+
+
+def test_an_unknown_transport_is_refused():
+    from worldplay.ranks.launch import join
+
+    with pytest.raises(RankError, match="transport 'pigeon' unknown; choose one of \\['direct', 'host'\\]"):
+        join(0, 2, torch.device("cpu"), transport="pigeon")
+
+
 def test_heads_that_do_not_split_are_refused_with_the_choices():
     with pytest.raises(ValueError, match="24 attention heads do not split over 5 ranks; .*1, 2, 3, 4, 6, 8, 12, 24"):
         check_heads(24, 5)

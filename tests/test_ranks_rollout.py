@@ -38,8 +38,9 @@ def _one_process(builder, dtype, num_chunk):
     return list(pipe.rollout(IMAGE, TEXT, trajectory_from_pose_string(POSE), _settings(num_chunk, dtype)))
 
 
-def _ranks(builder, dtype, num_chunk, ranks):
-    pipe = MultiRankPipeline(functools.partial(builder, dtype), ranks=ranks, devices=("cpu",) * ranks, dtype=dtype)
+def _ranks(builder, dtype, num_chunk, ranks, transport="direct"):
+    pipe = MultiRankPipeline(functools.partial(builder, dtype), ranks=ranks, devices=("cpu",) * ranks, dtype=dtype,
+                             transport=transport)
     return pipe, list(pipe.rollout(IMAGE, TEXT, trajectory_from_pose_string(POSE), _settings(num_chunk, dtype)))
 
 
@@ -81,6 +82,38 @@ def test_three_and_four_ranks_equal_one_process(ranks):
         assert np.array_equal(a.frames.numpy(), b.frames.numpy())
         assert torch.equal(a.latents, b.latents)
         assert _memory(a) == _memory(b)
+
+
+def test_host_staged_ranks_equal_one_process():
+    """transport="host" (how two ranks share one GPU) is the same arithmetic: bit-equal in bf16."""
+    ref = _one_process(ranks_helpers.tiny, torch.bfloat16, 2)
+    _, got = _ranks(ranks_helpers.tiny, torch.bfloat16, 2, 2, transport="host")
+    for a, b in zip(got, ref, strict=True):
+        assert np.array_equal(a.frames.numpy(), b.frames.numpy())
+        assert torch.equal(a.latents, b.latents)
+
+
+@pytest.mark.parametrize(("devices", "transport", "message"), [
+    (("cuda:0", "cuda:0"), "direct", r"the ranks need one GPU each or the CPU each, got \['cuda:0', 'cuda:0'\] "
+                                     r"\(transport='host' lets them share one GPU"),
+    (("cuda:0", "cpu"), "host", "the ranks need one GPU each or the CPU each"),
+    (("cpu", "cpu"), "tcp", r"transport 'tcp' unknown; choose one of \['direct', 'host'\]"),
+])
+def test_devices_the_ranks_cannot_share_are_refused(devices, transport, message):
+    from worldplay.rollout import RolloutError
+
+    with pytest.raises(RolloutError, match=message):
+        MultiRankPipeline(ranks_helpers.tiny, ranks=2, devices=devices, transport=transport)
+
+
+def test_host_staged_ranks_on_a_gpu_refuse_cuda_graphs_before_starting():
+    """No process starts (the check is the stream's first step), so no GPU is needed here."""
+    from worldplay.rollout import RolloutError
+
+    pipe = MultiRankPipeline(ranks_helpers.tiny, ranks=2, devices=("cuda:0", "cuda:0"), transport="host")
+    settings = RolloutSettings(num_chunk=1, accel="compile+graphs")
+    with pytest.raises(RolloutError, match="a CUDA graph cannot capture the host-staged exchanges .*use accel='compile'"):
+        next(pipe.rollout(IMAGE, TEXT, trajectory_from_pose_string(POSE), settings))
 
 
 @pytest.mark.slow

@@ -37,6 +37,14 @@ def _fixed(overrides: dict[str, Any]) -> Overrides:
     return lambda device_type: dict(overrides)
 
 
+def _sharing_one_gpu(device_type: str) -> dict[str, Any]:
+    # native-spN's settings without CUDA graphs, which cannot capture host-staged exchanges
+    settings = {**_fastest(device_type), **SMALL_DECODE}
+    if device_type == "cuda":
+        settings["accel"] = "compile"
+    return settings
+
+
 def _lowvram(profile: str) -> Overrides:
     return lambda device_type: profile_settings(profile, _fastest(device_type), device_type)
 
@@ -54,6 +62,9 @@ class LegRow:
     # shows that drift beside its speed); None: the leg itself.
     mode: str | None = None
     intro: str | None = None  # site markup introducing the mode on the model card (fast modes)
+    # How a ranked leg's ranks exchange tensors (worldplay.ranks.group.TRANSPORTS): "host" puts
+    # them all on one GPU (gloo over host copies), a full-size check of the arithmetic.
+    transport: str = "direct"
 
     @property
     def native(self) -> bool:
@@ -70,6 +81,8 @@ class LegRow:
     @property
     def gpus(self) -> str:
         """``one GPU``/``two GPUs``/``N GPUs``: what the site says the leg ran on."""
+        if self.transport == "host":
+            return f"one GPU ({self.ranks} ranks)"
         return "one GPU" if self.ranks == 1 else "two GPUs" if self.ranks == 2 else f"{self.ranks} GPUs"
 
 
@@ -133,6 +146,11 @@ ROWS: tuple[LegRow, ...] = (
     # two GPUs (predicted 21.8 GiB; 31.4 with the one-GPU decoder settings, whose 4-latent call
     # dominates). More counts (sp8, official-sp4) are one row each when machines that big are lent.
     *(LegRow(f"native-sp{n}", RANKS, _SP_HELP.format(n=n), _fastest_with(SMALL_DECODE), ranks=n) for n in (2, 4)),
+    # Two ranks on one GPU: what native-sp2 computes, checked at full size where only one GPU is lent.
+    LegRow("native-sp2-one-gpu", RANKS, "native-sp2's arithmetic with both ranks on one GPU (gloo over host copies, "
+           "as NCCL refuses two ranks on one device; compiled blocks, no CUDA graphs): a full-size check of the "
+           "sequence-parallel DiT and the column-split decode, not a speed figure", _sharing_one_gpu, ranks=2,
+           transport="host"),
     LegRow("official", OFFICIAL, "the official HY-WorldPlay code (needs --official PATH or WORLDPLAY_OFFICIAL)"),
     LegRow("official-sp2", OFFICIAL_RANKS,
            "the official code at world size 2 (its sequence parallel and parallel VAE decode)", ranks=2),
@@ -156,3 +174,14 @@ def intro_of(test_leg: str | None) -> str | None:
     """The site's introduction of a fast mode, by the test leg of its drift experiment."""
     row = LEG_TABLE.get(test_leg or "")
     return row.intro if row else None
+
+
+def markdown_table() -> str:
+    """The legs as the Markdown table of experiments/README.md, between its ``legs-table``
+    markers (tests/test_experiments.py keeps the README equal to it)."""
+    lines = ["| leg | runs as | on | what it is |", "|---|---|---|---|"]
+    for row in ROWS:
+        cap = f"; cap {row.memory_cap_gib:g} GiB" if row.memory_cap_gib else ""
+        text = row.help.replace("|", "\\|")
+        lines.append(f"| `{row.name}` | {row.kind} | {row.gpus}{cap} | {text} |")
+    return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ from ..media import synthetic_image
 from ..models import LoadedModels
 from ..pose import Trajectory, load_trajectory
 from .inputs import InputManifest, sha256_of
-from .leg_table import LEG_TABLE
+from .leg_table import LEG_TABLE, leg_row
 from .schema import INPUT_PREFIX, SYNTHETIC_IMAGE, ExperimentConfig, WeightsSpec, ranks_of
 
 log = logging.getLogger(__name__)
@@ -276,9 +276,10 @@ def ranked_native_rollout(weights: WeightsSpec, leg: NativeLeg, cfg: ExperimentC
     ranks = ranks_of(leg.name)
     height, width = cfg.resolution
     image = load_image(image_path, width, height)
-    devices = ("cpu",) * ranks if cfg.device == "cpu" else None
+    transport = leg_row(leg.name).transport
+    devices = ("cpu",) * ranks if cfg.device == "cpu" else None  # on CUDA: a GPU each, or cuda:0 for "host"
     pipe = MultiRankPipeline(functools.partial(_build_for_pipeline, weights, cfg.preset), ranks=ranks,
-                             devices=devices, dtype=leg.dtype)
+                             devices=devices, dtype=leg.dtype, transport=transport)
     for out in pipe.rollout(image, text, trajectory, leg.settings(cfg), keep_frames=keep_frames):
         yield _leg_chunk(out)
     if accel_out is not None:

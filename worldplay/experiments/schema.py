@@ -330,10 +330,23 @@ def _bool(value: Any, key: str) -> bool:
 def _choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
     def check(value: Any, key: str) -> str:
         if not isinstance(value, str) or value not in options:
-            raise _Bad(key, f"expected one of {list(options)}, got {_show(value)}")
+            raise _Bad(key, f"expected {_one_of(options, value)}, got {_show(value)}")
         return value
 
     return check
+
+
+def _one_of(options: tuple[str, ...], value: Any) -> str:
+    """The choices, all of them while they fit in a line, else the closest ones and the count
+    (the leg table grows; the full list is in experiments/README.md)."""
+    import difflib
+
+    if len(repr(list(options))) <= 160:
+        return f"one of {list(options)}"
+    close = difflib.get_close_matches(value, options, n=4, cutoff=0.5) if isinstance(value, str) else []
+    if not close:
+        close = list(options[:4])
+    return f"one of {len(options)} names such as {close} (experiments/README.md lists them)"
 
 
 def _str_list(item: Callable[[Any, str], str], *, length: int | None = None) -> Callable[[Any, str], tuple]:
@@ -554,7 +567,7 @@ def _check_combinations(cfg: ExperimentConfig, input_ids: Mapping[str, str] | No
     if ranked and cfg.kind not in ("bench", "drift"):
         raise _Bad("legs", f"{ranked} run in a bench or a drift; a {cfg.kind} takes one process per leg")
     if ranked and cfg.preset == "tiny" and any(ranks_of(n) > 2 for n in ranked):
-        raise _Bad("legs", f"{ranked}: the tiny preset's 2 attention heads split over 2 ranks only; use 'native-sp2'")
+        raise _Bad("legs", f"{ranked}: the tiny preset's 2 attention heads split over 2 ranks only; use 'native-sp2' or 'native-sp2-one-gpu'")
     officials = cfg.needs_official
     if legs and officials and (cfg.preset != "wan5b" or cfg.device != "cuda"):
         raise _Bad("legs", "the official leg runs only the real architecture on a GPU "

@@ -16,6 +16,11 @@ import torch.distributed as dist
 
 from .split import starts
 
+# How the ranks' tensors travel: "direct" (NCCL between GPUs, gloo on the CPU) or "host" (gloo
+# over host copies of device tensors: several ranks on one GPU, which NCCL refuses; a check of
+# the sharded arithmetic at full size, not a speed figure, and no CUDA graphs).
+TRANSPORTS = ("direct", "host")
+
 
 class RankGroup:
     """Rank ``rank`` of ``size`` on ``device``; ``process_group``: the torch.distributed group
@@ -137,3 +142,26 @@ class RankGroup:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.process_group)
+
+
+class HostStagedRankGroup(RankGroup):
+    """A :class:`RankGroup` whose tensor collectives run through gloo on host copies, so that
+    several ranks may share one GPU (NCCL refuses two ranks on one device: "Duplicate GPU
+    detected"). The arithmetic is the direct transport's; each exchange adds a device-to-host
+    copy, a gloo (TCP) transfer and a host-to-device copy, and a synchronisation that no CUDA
+    graph can capture. The collectives stay out of ``torch.compile``'s graphs (a graph break
+    each), as NCCL's would not."""
+
+    @torch.compiler.disable
+    def _all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+        host = send.cpu()
+        out = host.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(out, host, recv_sizes, send_sizes, group=self.process_group)
+        return out.to(send.device)
+
+    @torch.compiler.disable
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        host = t.cpu()
+        parts = [torch.empty_like(host) for _ in range(self.size)]
+        dist.all_gather(parts, host, group=self.process_group)
+        return [p.to(t.device) for p in parts]

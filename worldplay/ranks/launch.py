@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .group import RankGroup
+from .group import TRANSPORTS, HostStagedRankGroup, RankGroup
 
 ERROR_KEY = "worldplay/error"
 HEARTBEAT = "worldplay/alive/{}"
@@ -69,16 +69,22 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Launch | None:
     return Launch(rank=rank, size=size, local_rank=values["LOCAL_RANK"])
 
 
-def join(rank: int, size: int, device: torch.device, *, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> RankGroup:
+def join(rank: int, size: int, device: torch.device, *, timeout_s: float = COLLECTIVE_TIMEOUT_S,
+         transport: str = "direct") -> RankGroup:
     """Join the process group (``MASTER_ADDR``/``MASTER_PORT`` from the environment) as ``rank``
-    of ``size`` on ``device``; NCCL for CUDA devices, gloo for the CPU."""
+    of ``size`` on ``device``; NCCL for CUDA devices, gloo for the CPU, or gloo over host copies
+    for ``transport="host"`` (ranks sharing a GPU, :class:`~worldplay.ranks.group.HostStagedRankGroup`)."""
+    if transport not in TRANSPORTS:
+        raise RankError(f"transport {transport!r} unknown; choose one of {list(TRANSPORTS)}")
     device = torch.device(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=timeout_s), device_id=device if cuda else None)
-    return RankGroup(rank, size, device, dist.group.WORLD)
+    nccl = cuda and transport == "direct"
+    dist.init_process_group("nccl" if nccl else "gloo", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout_s), device_id=device if nccl else None)
+    kind = HostStagedRankGroup if transport == "host" else RankGroup
+    return kind(rank, size, device, dist.group.WORLD)
 
 
 def leave(group: RankGroup) -> None:

@@ -49,20 +49,33 @@ def default_devices(ranks: int) -> tuple[str, ...]:
 
 class MultiRankPipeline:
     """:class:`~worldplay.rollout.WorldPlayPipeline` over ``ranks`` processes (one device each)
-    with the models ``build_models(device)`` gives every rank, in ``dtype``. After a stream:
+    with the models ``build_models(device)`` gives every rank, in ``dtype``. ``transport``:
+    ``"direct"`` (NCCL between GPUs, gloo on the CPU) or ``"host"`` (gloo over host copies, which
+    lets the ranks share one GPU: the sharded arithmetic at full size on one card, slowly, and
+    without CUDA graphs; :class:`~worldplay.ranks.group.HostStagedRankGroup`). After a stream:
     ``last_accel_stats`` (rank 0's counters), ``last_peaks`` (each rank's peak memory) and
     ``last_traffic`` (each rank's bytes sent, by purpose)."""
 
     def __init__(self, build_models: Callable, *, ranks: int, devices: tuple[str, ...] | None = None,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, transport: str = "direct"):
+        from .group import TRANSPORTS
+
         if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
             raise RolloutError(f"ranks must be a positive number, got {ranks!r}")
-        devices = default_devices(ranks) if devices is None else tuple(devices)
+        if transport not in TRANSPORTS:
+            raise RolloutError(f"transport {transport!r} unknown; choose one of {list(TRANSPORTS)}")
+        if devices is None:
+            devices = ("cuda:0",) * ranks if transport == "host" and torch.cuda.is_available() \
+                else default_devices(ranks)
+        devices = tuple(devices)
         if len(devices) != ranks:
             raise RolloutError(f"{ranks} ranks need {ranks} devices, got {list(devices)}")
-        if len({d for d in devices if d.startswith("cuda")}) not in (0, ranks):
-            raise RolloutError(f"the ranks need one GPU each or the CPU each, got {list(devices)}")
+        gpus = {d for d in devices if d.startswith("cuda")}
+        if gpus and len(gpus) != ranks and (transport != "host" or len(gpus) != len(set(devices))):
+            raise RolloutError(f"the ranks need one GPU each or the CPU each, got {list(devices)} (transport='host' "
+                               "lets them share one GPU, as a check of the arithmetic rather than for speed)")
         self.build_models, self.ranks, self.devices, self.dtype = build_models, ranks, devices, dtype
+        self.transport = transport
         self.last_accel_stats = AccelStats()
         self.last_peaks: dict[str, dict] = {}
         self.last_traffic: dict[str, dict] = {}
@@ -72,9 +85,12 @@ class MultiRankPipeline:
         """One rollout over the ranks, chunk by chunk. ``keep_frames=False``: rank 0 keeps the
         frames to itself (``frames`` is empty; benches)."""
         trajectory.for_chunks(settings.num_chunk)  # errors before any process starts
+        if self.transport == "host" and "graphs" in settings.accel and any(d.startswith("cuda") for d in self.devices):
+            raise RolloutError(f"accel={settings.accel!r}: a CUDA graph cannot capture the host-staged exchanges "
+                               "(transport='host'); use accel='compile'")
         records = mp.get_context("spawn").Queue()
         args = (self.ranks, _free_port(), self.build_models, self.dtype, image.cpu(), text_states.cpu(), trajectory,
-                settings, self.devices, keep_frames, records)
+                settings, self.devices, self.transport, keep_frames, records)
         workers = mp.start_processes(_worker, args=args, nprocs=self.ranks, join=False, start_method="spawn")
         try:
             yield from self._collect(workers, records, settings.num_chunk, tuple(image.shape[-2:]))
@@ -159,8 +175,8 @@ def _ended(workers) -> str | None:
         return f"rank {exc.error_index} ended: {str(exc).strip().splitlines()[-1]}"
 
 
-def _worker(rank, size, port, build_models, dtype, image, text_states, trajectory, settings, devices, keep_frames,
-            records) -> None:
+def _worker(rank, size, port, build_models, dtype, image, text_states, trajectory, settings, devices, transport,
+            keep_frames, records) -> None:
     from .launch import (
         Watchdog,
         check_agreement,
@@ -174,7 +190,7 @@ def _worker(rank, size, port, build_models, dtype, image, text_states, trajector
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     device = torch.device(devices[rank])
-    group = join(rank, size, device)
+    group = join(rank, size, device, transport=transport)
     watchdog = Watchdog(group, prog="worldplay ranks")
     watchdog.on_abort.append(lambda line: records.put(("error", rank, {"line": line})))
     with watchdog:
