@@ -609,3 +609,13 @@ def test_captions_name_only_columns_their_tables_have(fixture_tree, tmp_path):
     assert checked  # the bench's recorded selection
     trajectories = (out / "fragments/model_card_trajectories.md").read_text()
     assert "columns after" not in trajectories and "computed from the pose" in trajectories
+
+
+def test_peak_memory_of_a_ranked_leg_is_shown_per_rank():
+    from worldplay.site.pages import _peak
+
+    mem = {"rank0 (cuda:0)": {"peak_allocated_gib": 20.718, "peak_reserved_gib": 20.77},
+           "rank1 (cuda:1)": {"peak_allocated_gib": 19.5, "peak_reserved_gib": 19.61}}
+    assert _peak(mem) == ("rank0 (cuda:0): 20.7 GiB allocated (20.8 reserved); "
+                          "rank1 (cuda:1): 19.5 GiB allocated (19.6 reserved)")
+    assert "{" not in _peak({"rank0 (cpu)": {"host_peak_rss_mib": 409.8}})

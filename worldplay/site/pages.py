@@ -442,7 +442,9 @@ def _peak(mem: dict | None) -> str:
         return f"{mem['peak_allocated_gib']:.1f} GiB allocated ({mem.get('peak_reserved_gib', 0):.1f} reserved)"
     if "host_peak_rss_mib" in mem:
         return f"{mem['host_peak_rss_mib']:.0f} MiB host RSS"
-    return ", ".join(f"{k} {v}" for k, v in mem.items() if k != "scope")
+    # A ranked leg: one entry per rank ("rank0 (cuda:0)": {...}), each shown like a one-rank leg.
+    return "; ".join(f"{k}: {_peak(v)}" if isinstance(v, dict) else f"{k} {v}"
+                     for k, v in mem.items() if k != "scope")
 
 
 def bench_caption(exp: Experiment, what: str) -> Markdown:
