@@ -31,6 +31,7 @@ Example (``bench``)::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -339,8 +340,6 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
 def _one_of(options: tuple[str, ...], value: Any) -> str:
     """The choices, all of them while they fit in a line, else the closest ones and the count
     (the leg table grows; the full list is in experiments/README.md)."""
-    import difflib
-
     if len(repr(list(options))) <= 160:
         return f"one of {list(options)}"
     close = difflib.get_close_matches(value, options, n=4, cutoff=0.5) if isinstance(value, str) else []

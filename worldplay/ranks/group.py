@@ -16,11 +16,6 @@ import torch.distributed as dist
 
 from .split import starts
 
-# How the ranks' tensors travel: "direct" (NCCL between GPUs, gloo on the CPU) or "host" (gloo
-# over host copies of device tensors: several ranks on one GPU, which NCCL refuses; a check of
-# the sharded arithmetic at full size, not a speed figure, and no CUDA graphs).
-TRANSPORTS = ("direct", "host")
-
 
 class RankGroup:
     """Rank ``rank`` of ``size`` on ``device``; ``process_group``: the torch.distributed group
@@ -165,3 +160,15 @@ class HostStagedRankGroup(RankGroup):
         parts = [torch.empty_like(host) for _ in range(self.size)]
         dist.all_gather(parts, host, group=self.process_group)
         return [p.to(t.device) for p in parts]
+
+
+# How the ranks' tensors travel, and the group class that carries them: "direct" (NCCL between
+# GPUs, gloo on the CPU) or "host" (gloo over host copies of device tensors: several ranks on one
+# GPU, which NCCL refuses; a check of the sharded arithmetic at full size, not a speed figure, and
+# no CUDA graphs).
+TRANSPORTS: dict[str, type[RankGroup]] = {"direct": RankGroup, "host": HostStagedRankGroup}
+
+
+def unknown_transport(transport) -> str | None:
+    """The one-line error for a transport that is not one of :data:`TRANSPORTS`, else None."""
+    return None if transport in TRANSPORTS else f"transport {transport!r} unknown; choose one of {list(TRANSPORTS)}"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .group import TRANSPORTS, HostStagedRankGroup, RankGroup
+from .group import TRANSPORTS, RankGroup, unknown_transport
 
 ERROR_KEY = "worldplay/error"
 HEARTBEAT = "worldplay/alive/{}"
@@ -74,8 +74,8 @@ def join(rank: int, size: int, device: torch.device, *, timeout_s: float = COLLE
     """Join the process group (``MASTER_ADDR``/``MASTER_PORT`` from the environment) as ``rank``
     of ``size`` on ``device``; NCCL for CUDA devices, gloo for the CPU, or gloo over host copies
     for ``transport="host"`` (ranks sharing a GPU, :class:`~worldplay.ranks.group.HostStagedRankGroup`)."""
-    if transport not in TRANSPORTS:
-        raise RankError(f"transport {transport!r} unknown; choose one of {list(TRANSPORTS)}")
+    if problem := unknown_transport(transport):
+        raise RankError(problem)
     device = torch.device(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -83,8 +83,7 @@ def join(rank: int, size: int, device: torch.device, *, timeout_s: float = COLLE
     nccl = cuda and transport == "direct"
     dist.init_process_group("nccl" if nccl else "gloo", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=timeout_s), device_id=device if nccl else None)
-    kind = HostStagedRankGroup if transport == "host" else RankGroup
-    return kind(rank, size, device, dist.group.WORLD)
+    return TRANSPORTS[transport](rank, size, device, dist.group.WORLD)
 
 
 def leave(group: RankGroup) -> None:

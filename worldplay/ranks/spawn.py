@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from ..accel import AccelStats
 from ..allocator import read_peaks, reset_peaks
 from ..rollout import ChunkOutput, RolloutError, RolloutSettings, WorldPlayPipeline
+from .group import unknown_transport
 
 
 class RanksFailed(RuntimeError):
@@ -38,9 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_devices(ranks: int) -> tuple[str, ...]:
-    """``cuda:0 .. cuda:N-1`` where there are that many GPUs, else the CPU for every rank."""
+def default_devices(ranks: int, transport: str = "direct") -> tuple[str, ...]:
+    """``cuda:0 .. cuda:N-1`` where there are that many GPUs (``cuda:0`` for every rank with
+    ``transport="host"``), else the CPU for every rank."""
     if torch.cuda.is_available():
+        if transport == "host":
+            return ("cuda:0",) * ranks
         if torch.cuda.device_count() < ranks:
             raise RolloutError(f"{ranks} ranks need {ranks} GPUs; this machine has {torch.cuda.device_count()}")
         return tuple(f"cuda:{i}" for i in range(ranks))
@@ -58,20 +62,17 @@ class MultiRankPipeline:
 
     def __init__(self, build_models: Callable, *, ranks: int, devices: tuple[str, ...] | None = None,
                  dtype: torch.dtype = torch.bfloat16, transport: str = "direct"):
-        from .group import TRANSPORTS
-
         if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
             raise RolloutError(f"ranks must be a positive number, got {ranks!r}")
-        if transport not in TRANSPORTS:
-            raise RolloutError(f"transport {transport!r} unknown; choose one of {list(TRANSPORTS)}")
-        if devices is None:
-            devices = ("cuda:0",) * ranks if transport == "host" and torch.cuda.is_available() \
-                else default_devices(ranks)
-        devices = tuple(devices)
+        if problem := unknown_transport(transport):
+            raise RolloutError(problem)
+        devices = default_devices(ranks, transport) if devices is None else tuple(devices)
         if len(devices) != ranks:
             raise RolloutError(f"{ranks} ranks need {ranks} devices, got {list(devices)}")
-        gpus = {d for d in devices if d.startswith("cuda")}
-        if gpus and len(gpus) != ranks and (transport != "host" or len(gpus) != len(set(devices))):
+        gpus = [d for d in devices if d.startswith("cuda")]
+        mixed = 0 < len(gpus) < ranks
+        shared = len(set(gpus)) < len(gpus)  # NCCL refuses that; host copies allow it
+        if mixed or (shared and transport != "host"):
             raise RolloutError(f"the ranks need one GPU each or the CPU each, got {list(devices)} (transport='host' "
                                "lets them share one GPU, as a check of the arithmetic rather than for speed)")
         self.build_models, self.ranks, self.devices, self.dtype = build_models, ranks, devices, dtype
