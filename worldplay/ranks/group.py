@@ -170,5 +170,5 @@ TRANSPORTS: dict[str, type[RankGroup]] = {"direct": RankGroup, "host": HostStage
 
 
 def unknown_transport(transport) -> str | None:
-    """The one-line error for a transport that is not one of :data:`TRANSPORTS`, else None."""
+    """The one-line error for a transport that is not one of ``TRANSPORTS``, else None."""
     return None if transport in TRANSPORTS else f"transport {transport!r} unknown; choose one of {list(TRANSPORTS)}"
